@@ -1,0 +1,239 @@
+"""Typed configuration: agent.yaml plus EDGE_AGENT__SECTION__KEY environment overrides."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_CONFIG = BUNDLE_ROOT / "config" / "agent.yaml"
+SYSTEM_CONFIG = Path("/etc/edge-agent/agent.yaml")
+ENV_PREFIX = "EDGE_AGENT__"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MqttConfig(_Section):
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port, or mqtts:// for TLS")
+    prefix: str = Field("edge", description="first level of every topic")
+    predictions_qos: Literal[0, 1] = Field(0, description="1 keeps predictions in the durable outbox")
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = Field(None, description="file holding the password (never put it in YAML)")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    outbox_max_mb: float = Field(50.0, gt=0)
+    outbox_rate: float = Field(200.0, gt=0, description="max backlog messages/s sent after a reconnect")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError(f"expected mqtt://host:port or mqtts://host:port, got {v!r}")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"expected a topic prefix without wildcards or edge slashes, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        return self
+
+
+class CameraConfig(_Section):
+    source: str = Field("auto", description="auto | /dev/videoN | N | rtsp://… | file | images:DIR | synthetic | gst:… | picamera2")
+    fps: float = Field(15.0, ge=0, description="frame-rate cap; 0 = as fast as frames come")
+    loop: bool = True
+    width: int = Field(640, gt=0)
+    height: int = Field(480, gt=0)
+    stall_s: float = Field(5.0, gt=0, description="reopen the source after this long without a frame")
+
+
+class ModelConfig(_Section):
+    path: Path = Path("models/face/blazeface.tflite")
+    task: Literal["classification", "ssd", "yolo", "blazeface", "raw"] | None = None
+    labels: Path | None = None
+    threshold: float | None = Field(None, ge=0, le=1)
+
+
+class RuntimeConfig(_Section):
+    backend: Literal["auto", "tflite", "onnxruntime"] = "auto"
+    accelerator: Literal["auto", "cpu", "edgetpu", "cuda", "tensorrt"] = "auto"
+    threads: int = Field(0, ge=0, description="0 = number of cores")
+
+
+class HealthConfig(_Section):
+    interval_s: float = Field(10.0, gt=0)
+
+
+class DeployConfig(_Section):
+    trusted_keys: list[str] = Field(default_factory=list)
+    max_model_mb: float = Field(200.0, gt=0)
+
+
+class AgentConfig(_Section):
+    device_id: str = Field(default_factory=socket.gethostname)
+    groups: list[str] = Field(default_factory=list)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    state_dir: Path = Path("/var/lib/edge-agent")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        if not v or any(c in v for c in "/#+") or v in (".", ".."):
+            raise ValueError(f"expected a name without '/', '#' or '+', got {v!r}")
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        for g in v:
+            if not g or any(c in g for c in "/#+"):
+                raise ValueError(f"expected group names without '/', '#' or '+', got {g!r}")
+        return v
+
+
+def resolve_path(path: Path, base: Path | None) -> Path:
+    """A relative path is looked up beside the config file, then in the bundle (repo) root."""
+    path = path.expanduser()
+    if path.is_absolute():
+        return path
+    for root in (base, BUNDLE_ROOT):
+        if root is not None and (root / path).exists():
+            return (root / path).resolve()
+    return ((base or Path.cwd()) / path).resolve()
+
+
+def default_config_path() -> Path:
+    """$EDGE_AGENT_CONFIG, else /etc/edge-agent/agent.yaml, else the bundled config/agent.yaml."""
+    env = os.environ.get("EDGE_AGENT_CONFIG")
+    if env:
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else BUNDLED_CONFIG
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            try:  # YAML scalars, so EDGE_AGENT__CAMERA__FPS=5 is a number and ...__LOOP=false a bool
+                value = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                value = raw
+            node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_EXPECTED = {
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected text",
+    "list_type": "expected a list",
+    "model_type": "expected a mapping of keys",
+    "dict_type": "expected a mapping of keys",
+    "path_type": "expected a file path",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling against config/agent.yaml)"
+    if kind == "missing":
+        return f"{loc}: required"
+    if kind == "literal_error":
+        return f"{loc}: expected {err['ctx']['expected']}, got {got!r}"
+    if kind in _EXPECTED:
+        return f"{loc}: {_EXPECTED[kind]}, got {got!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" + ("" if repr(got) in msg or isinstance(got, dict) else f", got {got!r}")
+
+
+def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | None = None,
+                 base: Path | None = None) -> AgentConfig:
+    """Validate a loaded YAML document (plus env overrides) into an AgentConfig, or raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
+    data = _merge(data, _env_overrides(dict(os.environ) if environ is None else environ))
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+    cfg.model.path = resolve_path(cfg.model.path, base)
+    if cfg.model.labels is not None:
+        cfg.model.labels = resolve_path(cfg.model.labels, base)
+    cfg.state_dir = resolve_path(cfg.state_dir, base) if not cfg.state_dir.is_absolute() else cfg.state_dir
+    return cfg
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> AgentConfig:
+    """Read, merge env overrides, validate. Raises ConfigError with one line per problem."""
+    p = Path(path) if path else default_config_path()
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(str(p), ["file not found"]) from None
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(p), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return parse_config(data, str(p), environ, base=p.resolve().parent)

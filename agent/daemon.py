@@ -1,0 +1,288 @@
+"""The composition root: builds the parts from config, wires them, handles signals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform as pyplatform
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from agent import __version__, probe
+from agent.camera import Capture, FrameSlot, make_source
+from agent.config import AgentConfig, ConfigError, default_config_path, load_config
+from agent.health import HealthSampler
+from agent.model import LoadedModel, ManifestError, load_model
+from agent.mqtt import MqttLink
+from agent.pipeline import Pipeline, Prediction
+from agent.runtimes import ModelLoadError, RuntimeUnavailable
+from agent.systemd import Notifier, setup_logging
+from agent.topics import Topics
+
+log = logging.getLogger("agent")
+MAX_COMMAND_BYTES = 64 * 1024
+
+
+def dumps(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+class PredictionPublisher:
+    """JSON-encodes and publishes predictions on its own thread, off the frame loop."""
+
+    def __init__(self, link: MqttLink, topic: str, qos: int, maxsize: int = 256):
+        self.link, self.topic, self.qos = link, topic, qos
+        self.dropped = 0
+        self._q: queue.Queue[Prediction | None] = queue.Queue(maxsize)
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, pred: Prediction) -> None:
+        try:
+            self._q.put_nowait(pred)
+        except queue.Full:  # the link is stuck: keep the newest, count the loss
+            try:
+                self._q.get_nowait()
+                self.dropped += 1
+            except queue.Empty:
+                pass
+            self._q.put_nowait(pred)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (pred := self._q.get()) is not None:
+            try:
+                self.link.publish(self.topic, dumps(pred.to_json()), qos=self.qos)
+            except Exception:  # noqa: BLE001
+                log.exception("publishing a prediction failed")
+
+
+class Agent:
+    """Everything the daemon runs, built from one AgentConfig."""
+
+    def __init__(self, cfg: AgentConfig, config_path: Path | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.topics = Topics(cfg.mqtt.prefix, cfg.device_id)
+        self.facts = probe.probe(check_runtimes="first")
+        self.model = self._load_model(cfg)
+        self.source = make_source(cfg.camera, base=config_path.parent if config_path else None)
+        self.slot = FrameSlot()
+        self.capture = Capture(self.source, self.slot, fps=cfg.camera.fps, stall_s=cfg.camera.stall_s)
+        self.link = MqttLink(
+            cfg.mqtt, client_id=cfg.mqtt.client_id or f"edge-agent-{cfg.device_id}",
+            will=(self.topics.status, dumps({"state": "offline"})),
+            subscriptions=((self.topics.cmd, 1),),
+            on_connect=self.publish_status, on_message=self.on_message,
+        )
+        self.link.client.max_queued_messages_set(1000)
+        self.publisher = PredictionPublisher(self.link, self.topics.predictions, cfg.mqtt.predictions_qos)
+        self.pipeline = Pipeline(self.slot, self.model, self.publisher.submit)
+        self.health = HealthSampler(state_dir=cfg.state_dir if cfg.state_dir.exists() else None)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    # -- building -------------------------------------------------------------------------------
+    def _load_model(self, cfg: AgentConfig) -> LoadedModel:
+        edgetpu = probe.is_edgetpu_model(cfg.model.path) if cfg.model.path.is_file() else False
+        choice_box: dict = {}
+
+        def choose(fmt: str):
+            choice = probe.choose_runtime(self.facts, fmt, cfg.runtime.backend, cfg.runtime.accelerator,
+                                          model_is_edgetpu=edgetpu)
+            choice_box["choice"] = choice
+            log.info("runtime: %s", choice.reason)
+            return choice
+
+        threads = cfg.runtime.threads or (os.cpu_count() or 1)
+        model = load_model(cfg.model.path, choose, task=cfg.model.task, labels_file=cfg.model.labels,
+                           threshold=cfg.model.threshold, threads=threads,
+                           cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None)
+        self.choice = choice_box["choice"]
+        return model
+
+    # -- MQTT -----------------------------------------------------------------------------------
+    def status_payload(self, state: str = "online") -> dict:
+        info = self.model.session.info
+        return {
+            "state": state,
+            "ts": time.time(),
+            "device_id": self.cfg.device_id,
+            "boot_id": self.pipeline.boot_id,
+            "agent_version": __version__,
+            "platform": {"kind": self.facts.platform, "model": self.facts.model, "arch": self.facts.arch},
+            "backend": info.backend,
+            "accelerator": info.accelerator,
+            "runtime": {"module": info.module, "providers": list(info.providers), "reason": self.choice.reason,
+                        "notes": list(info.notes)},
+            "model": self.model.info.to_json(),
+            "camera": {"source": self.source.name},
+        }
+
+    def publish_status(self) -> None:
+        self.link.publish(self.topics.status, dumps(self.status_payload()), qos=1, retain=True)
+
+    def on_message(self, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self.topics.cmd:
+            self._on_command(msg)
+
+    def _on_command(self, msg: paho.MQTTMessage) -> None:
+        if msg.retain:
+            # A retained command would re-run on every reconnect (restart loops): never act on one.
+            log.warning("ignoring a retained command on %s", msg.topic)
+            return
+        request_id = None
+        try:
+            if len(msg.payload) > MAX_COMMAND_BYTES:
+                raise ValueError(f"command payload is {len(msg.payload)} bytes; the limit is {MAX_COMMAND_BYTES}")
+            req = json.loads(msg.payload)
+            if not isinstance(req, dict):
+                raise ValueError("command must be a JSON object")
+            request_id = req.get("request_id")
+            command = req.get("command")
+            if command == "reload":
+                self._reload.set()
+                result: dict = {}
+            elif command == "status":
+                result = {"status": self.status_payload()}
+            else:
+                raise ValueError(f"unknown command {command!r}; expected one of: reload, status")
+            response = {"request_id": request_id, "ok": True, "error": None, **result}
+        except (ValueError, UnicodeDecodeError) as exc:
+            response = {"request_id": request_id, "ok": False, "error": str(exc)}
+        self.link.publish(self.topics.cmd_response, dumps(response), qos=1)
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.capture.start()
+        self.link.start()
+        self.publisher.start()
+        self.pipeline.start()
+        log.info("publishing predictions to %s on %s (watch: agent-ctl watch, or mosquitto_sub -t '%s/#' -v)",
+                 self.topics.predictions, self.link.endpoint, self.topics.prefix)
+        ready = False
+        interval = self.cfg.health.interval_s
+        next_health = time.monotonic() + min(interval, 2.0)
+        next_ping = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if not ready and self.pipeline.wait_first_frame(0):
+                ready = True
+                self.notifier.ready(self._status_line())
+                log.info("ready: first frame inferred")
+            wd = self.notifier.watchdog_interval
+            # Ping only while the frame loop turns: a hung runtime stops the pings and systemd restarts us.
+            if wd and now >= next_ping and self.pipeline.alive(within_s=max(wd * 2, 5.0)):
+                self.notifier.watchdog()
+                next_ping = now + wd
+            if now >= next_health:
+                self._publish_health()
+                next_health = now + self.cfg.health.interval_s
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            self._stop.wait(0.2 if not wd else min(0.2, wd / 2))
+        return self.shutdown()
+
+    def _status_line(self) -> str:
+        h = self.pipeline.stats
+        return (f"model {self.model.info.name} {self.model.info.version} on {self.model.session.info.backend}/"
+                f"{self.model.session.info.accelerator}; broker {self.link.state}; {h.processed} frames")
+
+    def _publish_health(self) -> None:
+        health = self.health.sample(pipeline=self.pipeline, capture=self.capture, slot=self.slot, mqtt=self.link,
+                                    model_info=self.model.info)
+        self.link.publish(self.topics.health, dumps(health.to_json()), qos=1)
+        self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and apply what can change live (log level, health, model)."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: config not applied: %s", exc)
+        else:
+            logging.getLogger().setLevel(new.log_level.upper())
+            self.cfg.health.interval_s = new.health.interval_s
+            if new.model != self.cfg.model or new.runtime != self.cfg.runtime:
+                try:
+                    model = self._load_model(new)
+                except Exception as exc:  # noqa: BLE001 - keep serving the old model
+                    log.error("reload: new model not loaded, keeping the current one: %s", exc)
+                else:
+                    old = self.pipeline.swap(model)
+                    self.model = model
+                    old.close()
+                    self.cfg.model, self.cfg.runtime = new.model, new.runtime
+                    self.publish_status()
+            log.info("reload: configuration re-read")
+        self.notifier.ready(self._status_line())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> int:
+        t0 = time.monotonic()
+        self.notifier.stopping()
+        self.capture.stop()
+        self.pipeline.stop()
+        self.publisher.stop()
+        self.link.stop(final=(self.topics.status, dumps({**self.status_payload("offline")})))
+        self.model.close()
+        log.info("stopped in %.2f s", time.monotonic() - t0)
+        return 0
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return os.access(path, os.W_OK)
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Run the edge-agent daemon in the foreground.")
+    parser.add_argument("--config", type=Path, help="config file (default: $EDGE_AGENT_CONFIG, "
+                        "else /etc/edge-agent/agent.yaml, else the bundled config/agent.yaml)")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    args = parser.parse_args(argv)
+    path = args.config or default_config_path()
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"edge-agent: invalid configuration in {exc.source}:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    log.info("edge-agent %s on %s (%s), config %s", __version__, pyplatform.node(), pyplatform.machine(), path)
+    try:
+        agent = Agent(cfg, path)
+    except (FileNotFoundError, ManifestError, ModelLoadError, RuntimeUnavailable, probe.RuntimeChoiceError,
+            ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent._reload.set())
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

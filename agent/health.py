@@ -1,0 +1,106 @@
+"""Health metrics: rates, latency percentiles, process and machine facts, as one plain record."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from agent import probe
+
+
+@dataclass
+class Health:
+    ts: float
+    uptime_s: float
+    fps: float
+    capture_fps: float
+    latency_ms: dict  # inference p50/p95/p99, total p50/p95/p99
+    frames_captured: int
+    frames_processed: int
+    frames_dropped: int
+    inference_errors: int
+    camera: dict  # state, source, reopens, error
+    mqtt: dict  # state, sent, unsent
+    cpu_percent: float
+    rss_mb: float
+    temperature_c: dict[str, float]
+    throttled: dict | None
+    gpu: dict | None
+    disk_free_mb: float | None
+    outbox_depth: int
+    model: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def percentiles(values, ps=(50, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": 0.0 for p in ps}
+    arr = np.fromiter(values, dtype=np.float64)
+    return {f"p{p}": round(float(v), 3) for p, v in zip(ps, np.percentile(arr, ps), strict=True)}
+
+
+def jetson_gpu_load(root: str = "/") -> dict | None:
+    """Jetson iGPU load (0-1000 in sysfs → percent); None elsewhere."""
+    for rel in ("sys/devices/platform/gpu.0/load", "sys/devices/gpu.0/load",
+                "sys/devices/platform/17000000.gpu/load", "sys/devices/platform/bus@0/17000000.gpu/load"):
+        p = Path(root) / rel
+        try:
+            return {"load_percent": int(p.read_text().strip()) / 10.0}
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class HealthSampler:
+    """Computes a Health record from the parts' counters; rates are over the time since the last sample."""
+
+    def __init__(self, *, root: str = "/", state_dir: Path | None = None):
+        self.root = root
+        self.state_dir = state_dir
+        self.started = time.monotonic()
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)  # first call primes the counter
+        self._last = (time.monotonic(), 0, 0)
+
+    def sample(self, *, pipeline, capture, slot, mqtt, model_info, outbox_depth: int = 0) -> Health:
+        now = time.monotonic()
+        t0, processed0, captured0 = self._last
+        dt = max(now - t0, 1e-6)
+        stats = pipeline.stats
+        self._last = (now, stats.processed, capture.captured)
+        disk = None
+        if self.state_dir is not None:
+            try:
+                disk = round(shutil.disk_usage(self.state_dir).free / 2**20, 1)
+            except OSError:
+                disk = None
+        throttled = probe.read_throttled(self.root)
+        return Health(
+            ts=time.time(),
+            uptime_s=round(now - self.started, 1),
+            fps=round((stats.processed - processed0) / dt, 2),
+            capture_fps=round((capture.captured - captured0) / dt, 2),
+            latency_ms={"inference": percentiles(list(stats.inference_ms)), "total": percentiles(list(stats.total_ms))},
+            frames_captured=capture.captured,
+            frames_processed=stats.processed,
+            frames_dropped=slot.dropped,
+            inference_errors=stats.errors,
+            camera={"state": capture.state, "source": capture.source.name, "reopens": capture.reopens,
+                    "error": capture.last_error},
+            mqtt={"state": mqtt.state, "sent": mqtt.sent, "unsent": mqtt.unsent},
+            cpu_percent=round(self._proc.cpu_percent(None), 1),
+            rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
+            temperature_c=probe.read_temperatures(self.root),
+            throttled=throttled.to_json() if throttled else None,
+            gpu=jetson_gpu_load(self.root),
+            disk_free_mb=disk,
+            outbox_depth=outbox_depth,
+            model=model_info.brief(),
+        )

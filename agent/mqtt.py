@@ -1,0 +1,164 @@
+"""The broker link: connect (TLS, credentials), LWT, subscribe on connect, publish, reconnect, stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import MqttConfig
+
+log = logging.getLogger(__name__)
+PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_url(url: str) -> Endpoint:
+    """mqtt://host[:1883] or mqtts://host[:8883]; credentials in the URL are refused (use password_file)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+    if parts.password:
+        raise ValueError("put the broker password in mqtt.password_file or $EDGE_AGENT_MQTT_PASSWORD, not in the URL")
+    tls = parts.scheme == "mqtts"
+    return Endpoint(parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls)
+
+
+def read_password(cfg: MqttConfig) -> str | None:
+    if cfg.password_file is not None:
+        try:
+            return cfg.password_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"mqtt.password_file: cannot read {cfg.password_file} ({exc.strerror})") from None
+    return os.environ.get(PASSWORD_ENV)
+
+
+def make_client(cfg: MqttConfig, client_id: str) -> tuple[paho.Client, Endpoint]:
+    """A configured paho client (VERSION2 callbacks), not yet connected."""
+    endpoint = parse_url(cfg.url)
+    protocol = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    if endpoint.tls:
+        ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        if cfg.cert_file and cfg.key_file:
+            ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+        client.tls_set_context(ctx)
+    password = read_password(cfg)
+    if cfg.username or password:
+        client.username_pw_set(cfg.username or "", password)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    return client, endpoint
+
+
+class MqttLink:
+    """One paho client with a clear lifecycle. Callbacks run on paho's network thread."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
+                 subscriptions: tuple[tuple[str, int], ...] = (),
+                 on_connect: Callable[[], None] | None = None,
+                 on_message: Callable[[paho.MQTTMessage], None] | None = None):
+        self.cfg = cfg
+        self.client, self.endpoint = make_client(cfg, client_id)
+        self.subscriptions = subscriptions
+        self._on_connect = on_connect
+        self._on_message = on_message
+        self._connected = threading.Event()
+        self.state = "connecting"  # connecting | connected | disconnected
+        self.last_error: str | None = None
+        self.sent = 0
+        self.unsent = 0  # QoS 0 messages that could not go out (no connection)
+        self.connects = 0
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self._handle_message
+        self.client.on_connect_fail = self._handle_connect_fail
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect in the background; keeps retrying with backoff while the broker is away."""
+        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
+        """Queue a message; False when it could not be handed to the broker link."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            self.sent += 1
+            return True
+        self.unsent += 1
+        return False
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 2.0) -> None:
+        """Publish ``final`` (e.g. the offline status) if connected, then disconnect cleanly."""
+        if final is not None and self.connected:
+            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            self.state = "disconnected"
+            log.error("mqtt: %s (%s)", self.last_error, self.endpoint)
+            return
+        self.connects += 1
+        self.state = "connected"
+        self.last_error = None
+        log.info("mqtt: connected to %s", self.endpoint)
+        for topic, qos in self.subscriptions:
+            client.subscribe(topic, qos)
+        self._connected.set()
+        if self._on_connect:
+            try:
+                self._on_connect()
+            except Exception:  # noqa: BLE001
+                log.exception("on_connect handler failed")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self.state = "disconnected"
+        if was:
+            log.warning("mqtt: disconnected from %s (%s); reconnecting", self.endpoint, reason_code)
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        self.state = "disconnected"
+        if self.last_error != "unreachable":
+            log.warning("mqtt: cannot reach %s; retrying in the background", self.endpoint)
+        self.last_error = "unreachable"
+
+    def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(msg)
+        except Exception:  # noqa: BLE001 - a bad message must never kill the network thread
+            log.exception("mqtt: handler for %s failed", msg.topic)

@@ -1,0 +1,148 @@
+"""The frame loop: newest frame → model → Prediction, with a model slot that a deploy swaps."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.camera import Frame, FrameSlot
+from agent.model import LoadedModel, ModelInfo, Timings
+from agent.vision.results import Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One processed frame: what the predictions topic carries."""
+
+    seq: int
+    boot_id: str
+    ts: float
+    frame_ts: float
+    frame_mono: float
+    model: ModelInfo
+    task: str
+    timings: Timings
+    results: list[Result]
+
+    def to_json(self) -> dict:
+        return {
+            "seq": self.seq,
+            "boot_id": self.boot_id,
+            "ts": round(self.ts, 6),
+            "frame_ts": round(self.frame_ts, 6),
+            "model": self.model.brief(),
+            "latency_ms": self.timings.to_json(),
+            "task": self.task,
+            "results": [r.to_json() for r in self.results],
+        }
+
+
+@dataclass
+class PipelineStats:
+    """Counters the health sampler reads; written only by the frame loop."""
+
+    processed: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_frame_mono: float = 0.0
+    inference_ms: deque = field(default_factory=lambda: deque(maxlen=2048))
+    total_ms: deque = field(default_factory=lambda: deque(maxlen=2048))
+
+
+class Pipeline:
+    """Runs the active model on every frame the slot hands over, on its own thread."""
+
+    def __init__(self, slot: FrameSlot, model: LoadedModel, on_prediction: Callable[[Prediction], None],
+                 *, boot_id: str | None = None):
+        self.slot = slot
+        self._model = model
+        self.on_prediction = on_prediction
+        self.boot_id = boot_id or uuid.uuid4().hex
+        self.stats = PipelineStats()
+        self._seq = 0
+        self._pending: LoadedModel | None = None
+        self._swapped = threading.Event()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-loop", daemon=True)
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._model
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def wait_first_frame(self, timeout: float) -> bool:
+        """True once a frame has been inferred (READY=1 waits for this)."""
+        return self._first.wait(timeout)
+
+    def alive(self, within_s: float) -> bool:
+        """The loop is turning: it finished a frame, or is idle waiting for one, within ``within_s``."""
+        return self._thread.is_alive() and time.monotonic() - self.stats.last_frame_mono < within_s
+
+    def swap(self, new: LoadedModel, timeout: float = 10.0) -> LoadedModel:
+        """Make ``new`` active between two frames; returns the old model (the caller closes it)."""
+        with self._lock:
+            self._swapped.clear()
+            self._pending = new
+        if not self._swapped.wait(timeout):
+            with self._lock:
+                if self._pending is new:  # the loop is not turning: swap directly
+                    self._pending = None
+                    old, self._model = self._model, new
+                    return old
+        return self._old_after_swap
+
+    def _run(self) -> None:
+        stats = self.stats
+        stats.last_frame_mono = time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                if self._pending is not None:
+                    self._old_after_swap, self._model = self._model, self._pending
+                    self._pending = None
+                    log.info("model swapped to %s %s", self._model.info.name, self._model.info.version)
+                    self._swapped.set()
+            frame = self.slot.take(timeout=0.5)
+            if frame is None:
+                stats.last_frame_mono = time.monotonic()  # idle is alive; a hung invoke is not
+                continue
+            self._process(frame)
+
+    def _process(self, frame: Frame) -> None:
+        model = self._model
+        stats = self.stats
+        try:
+            results, timings = model.infer(frame.image)
+        except Exception as exc:  # noqa: BLE001 - a bad frame or model must not stop the loop
+            stats.errors += 1
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+            if stats.errors <= 3 or stats.errors % 100 == 0:
+                log.error("inference failed (%d so far): %s", stats.errors, stats.last_error)
+            stats.last_frame_mono = time.monotonic()
+            return
+        self._seq += 1
+        stats.processed += 1
+        stats.inference_ms.append(timings.inference)
+        stats.total_ms.append(timings.total)
+        stats.last_frame_mono = time.monotonic()
+        pred = Prediction(self._seq, self.boot_id, time.time(), frame.ts, frame.mono, model.info,
+                          model.info.task, timings, results)
+        self._first.set()
+        try:
+            self.on_prediction(pred)
+        except Exception:  # noqa: BLE001
+            log.exception("prediction handler failed")

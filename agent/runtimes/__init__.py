@@ -1,0 +1,56 @@
+"""Runtime backends behind one session interface, and the door that opens the right one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from agent.runtimes.base import ModelLoadError, RuntimeUnavailable, Session, SessionInfo, TensorSpec
+
+__all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "TensorSpec", "detect_format", "open_session"]
+
+log = logging.getLogger(__name__)
+ModelFormat = Literal["tflite", "onnx"]
+
+
+def detect_format(path: str | Path) -> ModelFormat:
+    """The model format from its first bytes: TFLite flatbuffers say 'TFL3'; ONNX is a protobuf ModelProto."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 8 and head[4:8] == b"TFL3":
+        return "tflite"
+    # ModelProto starts with field 1 (ir_version, varint: tag 0x08) and a small version number.
+    if len(head) >= 2 and head[0] == 0x08 and 0 < head[1] < 0x40:
+        return "onnx"
+    raise ValueError(f"{path}: not a TFLite (.tflite) or ONNX (.onnx) model (first bytes {head[:8].hex()})")
+
+
+def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path | None = None,
+                 model_sha256: str = "", warmup: bool = True) -> Session:
+    """Load ``path`` on the backend the probe chose, then run one warm-up inference on zeros."""
+    t0 = time.perf_counter()
+    session: Session
+    if choice.backend == "tflite":
+        from agent.runtimes.tflite import TFLiteSession
+
+        session = TFLiteSession(path, module=choice.module or None, threads=threads,
+                                edgetpu=choice.accelerator == "edgetpu")
+    else:
+        from agent.runtimes.onnx import OnnxSession
+
+        session = OnnxSession(path, providers=tuple(choice.providers) or ("CPUExecutionProvider",),
+                              threads=threads, cache_dir=cache_dir, model_sha256=model_sha256)
+    if warmup:
+        zeros = [np.zeros(tuple(max(d, 1) for d in s.shape), s.dtype) for s in session.inputs]
+        try:
+            session.run(zeros)
+        except Exception as exc:  # noqa: BLE001 - any runtime error here means the model can't serve
+            session.close()
+            raise ModelLoadError(f"{path}: warm-up inference failed ({exc})") from exc
+    log.info("loaded %s on %s/%s in %.0f ms", Path(path).name, session.info.backend,
+             session.info.accelerator, (time.perf_counter() - t0) * 1000)
+    return session

@@ -1,0 +1,118 @@
+"""ONNX Runtime backend: an explicit provider list, and a report of what really runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from agent.runtimes.base import ModelLoadError, RuntimeUnavailable, SessionInfo, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+ACCELERATOR_OF = {
+    "TensorrtExecutionProvider": "tensorrt",
+    "CUDAExecutionProvider": "cuda",
+    "CPUExecutionProvider": "cpu",
+}
+
+
+def _spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+    return TensorSpec(name=arg.name, shape=shape, dtype=np.dtype(_ORT_TYPES.get(arg.type, np.float32)))
+
+
+def provider_options(providers: tuple[str, ...], cache_dir: Path | None, model_sha256: str) -> list:
+    """Providers with their options; TensorRT engines cached per model hash (builds take minutes on Jetson)."""
+    out: list = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider" and cache_dir is not None:
+            engine_dir = cache_dir / "trt" / model_sha256[:16]
+            engine_dir.mkdir(parents=True, exist_ok=True)
+            out.append((p, {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(engine_dir),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(engine_dir),
+                "trt_fp16_enable": True,
+            }))
+        else:
+            out.append(p)
+    return out
+
+
+class OnnxSession:
+    """An onnxruntime InferenceSession behind the common session interface."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        threads: int = 0,
+        cache_dir: Path | None = None,
+        model_sha256: str = "",
+    ):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"onnxruntime does not import ({exc}); pip install onnxruntime") from exc
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(
+                str(path), sess_options=opts, providers=provider_options(providers, cache_dir, model_sha256)
+            )
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
+            if providers != ("CPUExecutionProvider",):
+                log.warning("onnxruntime could not start %s (%s); retrying on CPU", providers[0], exc)
+                sess = None
+            else:
+                raise ModelLoadError(f"{path}: not a loadable ONNX model ({exc})") from exc
+        notes: list[str] = []
+        if sess is None:
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001
+                raise ModelLoadError(f"{path}: not a loadable ONNX model ({exc})") from exc
+            notes.append(f"{providers[0]} failed to start; running on CPU")
+        active = tuple(sess.get_providers())
+        wanted = providers[0]
+        if wanted not in active:
+            # ORT silently drops a provider whose libraries fail to load: say so instead.
+            if not notes:
+                notes.append(f"{wanted} requested but not loaded; running on {active[0]}")
+            log.warning("onnxruntime: %s", notes[-1])
+        self._sess = sess
+        self.info = SessionInfo(
+            backend="onnxruntime",
+            accelerator=ACCELERATOR_OF.get(active[0], active[0]),
+            module=f"onnxruntime {ort.__version__}",
+            providers=active,
+            notes=tuple(notes),
+        )
+        self.inputs = tuple(_spec(a) for a in sess.get_inputs())
+        self.outputs = tuple(_spec(a) for a in sess.get_outputs())
+        self._in_names = [a.name for a in sess.get_inputs()]
+        self.metadata = dict(sess.get_modelmeta().custom_metadata_map)
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self._sess.run(None, dict(zip(self._in_names, inputs, strict=True)))
+
+    def close(self) -> None:
+        self._sess = None

@@ -1,0 +1,133 @@
+"""Frame → model input: one resize, one colour conversion, layout and dtype, into a reused buffer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.runtimes.base import TensorSpec
+from agent.vision.geometry import Geometry
+
+
+class PreprocessSpec(BaseModel):
+    """How a model wants its input; comes from model.yaml's ``preprocess`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
+    color: Literal["rgb", "bgr"] = "rgb"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = Field((255.0, 255.0, 255.0), description="float models: (x - mean) / std")
+    layout: Literal["auto", "nhwc", "nchw"] = "auto"
+    size: tuple[int, int] | None = Field(None, description="(height, width) for models with dynamic input size")
+    pad_value: int = 114
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    nchw: bool
+    height: int
+    width: int
+    channels: int
+
+
+def input_layout(spec: TensorSpec, pre: PreprocessSpec) -> InputLayout:
+    """Where H, W and C sit in the model's input tensor."""
+    shape = spec.shape
+    if len(shape) != 4:
+        raise ValueError(f"input {spec.name!r} has shape {shape}; image models need 4 dimensions (N,H,W,C or N,C,H,W)")
+    if pre.layout == "auto":
+        nchw = shape[1] in (1, 3) and shape[3] not in (1, 3)
+    else:
+        nchw = pre.layout == "nchw"
+    h, w, c = (shape[2], shape[3], shape[1]) if nchw else (shape[1], shape[2], shape[3])
+    if pre.size is not None:
+        h, w = pre.size
+    if h <= 0 or w <= 0:
+        raise ValueError(f"input {spec.name!r} has a dynamic size {shape}; set preprocess.size in model.yaml")
+    if c not in (1, 3):
+        raise ValueError(f"input {spec.name!r} has {c} channels; expected 1 or 3")
+    return InputLayout(nchw, h, w, c)
+
+
+class Preprocessor:
+    """Turns a BGR uint8 frame into the model's input tensor and the Geometry to undo it."""
+
+    def __init__(self, spec: TensorSpec, pre: PreprocessSpec):
+        self.spec = spec
+        self.pre = pre
+        self.layout = lay = input_layout(spec, pre)
+        self.shape = (1, lay.channels, lay.height, lay.width) if lay.nchw else (1, lay.height, lay.width, lay.channels)
+        self.dtype = np.dtype(spec.dtype)
+        # (x - mean) / std, then quantised when the input is integer: x * alpha + beta per channel
+        alpha = 1.0 / np.asarray(pre.std, dtype=np.float64)
+        beta = -np.asarray(pre.mean, dtype=np.float64) * alpha
+        if np.issubdtype(self.dtype, np.integer) and spec.quantized:
+            alpha, beta = alpha / spec.scale, beta / spec.scale + spec.zero_point
+        elif np.issubdtype(self.dtype, np.integer):
+            alpha, beta = np.ones(3), np.zeros(3)  # unquantised integer input: raw pixels
+        self._identity = bool(np.allclose(alpha, 1.0) and np.allclose(beta, 0.0))
+        self._alpha = alpha.astype(np.float32)[: lay.channels]
+        self._beta = beta.astype(np.float32)[: lay.channels]
+        self._work = np.empty((lay.height, lay.width, lay.channels), np.float32)
+        self._out = np.empty(self.shape, self.dtype)
+        self._canvas: np.ndarray | None = None
+
+    def geometry(self, src_w: int, src_h: int) -> Geometry:
+        lay = self.layout
+        if self.pre.resize == "letterbox":
+            return Geometry.letterbox(src_w, src_h, lay.width, lay.height)
+        if self.pre.resize == "crop":
+            s = max(lay.width / src_w, lay.height / src_h)
+            return Geometry(src_w, src_h, lay.width, lay.height, s, s,
+                            (lay.width - src_w * s) / 2, (lay.height - src_h * s) / 2)
+        return Geometry.stretch(src_w, src_h, lay.width, lay.height)
+
+    def _resized(self, frame: np.ndarray, geom: Geometry) -> np.ndarray:
+        lay = self.layout
+        if self.pre.resize == "stretch":
+            return cv2.resize(frame, (lay.width, lay.height), interpolation=cv2.INTER_LINEAR)
+        if self.pre.resize == "crop":
+            h, w = frame.shape[:2]
+            cw, ch = round(lay.width / geom.scale_x), round(lay.height / geom.scale_y)
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            return cv2.resize(frame[y0:y0 + ch, x0:x0 + cw], (lay.width, lay.height), interpolation=cv2.INTER_LINEAR)
+        new_w = round(geom.src_w * geom.scale_x)
+        new_h = round(geom.src_h * geom.scale_y)
+        if self._canvas is None:
+            self._canvas = np.empty((lay.height, lay.width, 3), np.uint8)
+        canvas = self._canvas
+        canvas[...] = self.pre.pad_value
+        px, py = int(geom.pad_x), int(geom.pad_y)
+        canvas[py:py + new_h, px:px + new_w] = cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        return canvas
+
+    def __call__(self, frame: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:
+        """Preprocess ``frame`` (H, W, 3 BGR uint8) into ``out`` (e.g. the interpreter's own buffer)."""
+        h, w = frame.shape[:2]
+        geom = self.geometry(w, h)
+        img = self._resized(frame, geom)
+        if self.layout.channels == 1:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[..., None]
+        elif self.pre.color == "rgb":
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        target = self._out if out is None else out
+        if self._identity and self.dtype == np.uint8:
+            src = img
+        else:
+            src = self._work
+            np.multiply(img, self._alpha, out=src, casting="unsafe")
+            src += self._beta
+            if np.issubdtype(self.dtype, np.integer):
+                info = np.iinfo(self.dtype)
+                np.rint(src, out=src)
+                np.clip(src, info.min, info.max, out=src)
+        if self.layout.nchw:
+            np.copyto(target.reshape(self.shape)[0], src.transpose(2, 0, 1), casting="unsafe")
+        else:
+            np.copyto(target.reshape(self.shape)[0], src, casting="unsafe")
+        return target, geom
