@@ -206,7 +206,7 @@ class Agent:
     def _publish_health(self) -> None:
         health = self.health.sample(pipeline=self.pipeline, capture=self.capture, slot=self.slot, mqtt=self.link,
                                     model_info=self.model.info)
-        self.link.publish(self.topics.health, dumps(health.to_json()), qos=1)
+        self.link.publish(self.topics.health, dumps(health.to_json()), qos=1, retain=True)
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 
     def reload(self) -> None:

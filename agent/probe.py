@@ -6,10 +6,12 @@ Facts are read from a filesystem root (default "/") so every parser runs on fixt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
 import os
+import sys
 import platform as _platform
 import re
 import warnings
@@ -255,8 +257,16 @@ def probe(root: str | Path = "/", *, check_runtimes: bool | str = True, arch: st
 
 
 def _error_text(exc: BaseException) -> str:
+    # A C extension that fails inside reports SystemError; the real reason is the chained exception.
+    while isinstance(exc, SystemError) and (exc.__cause__ or exc.__context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"[:300]
+    text = f"{type(exc).__name__}: {first}"[:300]
+    if "_ARRAY_API" in text or "numpy.core.multiarray failed" in text:
+        import numpy
+
+        text += f" (built for numpy 1.x, this is numpy {numpy.__version__}: it needs numpy<2)"
+    return text
 
 
 def _test_model() -> Path:
@@ -280,11 +290,26 @@ def _load_tflite(name: str) -> str | None:
     return version
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence fd 2 during a check: a numpy-1 extension under numpy 2 prints a page of C-level noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @functools.cache
 def check_tflite_module(name: str) -> RuntimeAvailability:
     """Whether TFLite module ``name`` imports and really builds an interpreter (never raises)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_stderr():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter warns that it is deprecated
             version = _load_tflite(name)
     except Exception as exc:

@@ -33,7 +33,9 @@ EXEC_START_BIN = "/opt/edge-agent/venv/bin/edge-agent"
 def systemd_analyze() -> str:
     path = shutil.which("systemd-analyze")
     if path is None:
-        pytest.fail("systemd-analyze not found: install the Debian package 'systemd' (apt-get install -y systemd)")
+        pytest.fail(
+            "systemd-analyze not found: install the Debian package 'systemd' (apt-get install -y systemd)"
+        )
     return path
 
 
@@ -103,7 +105,9 @@ def make_source(tmp_path: Path, with_project: bool = False) -> Path:
     if default_conf.is_file():
         shutil.copy2(default_conf, src / "config" / "agent.yaml")
     else:  # the lead's default config may not exist yet
-        (src / "config" / "agent.yaml").write_text("# default edge-agent config (test stub)\nstate_dir: /var/lib/edge-agent\n")
+        (src / "config" / "agent.yaml").write_text(
+            "# default edge-agent config (test stub)\nstate_dir: /var/lib/edge-agent\n"
+        )
     if (REPO / "docs" / "service.md").is_file():
         (src / "docs").mkdir()
         shutil.copy2(REPO / "docs" / "service.md", src / "docs" / "service.md")
@@ -119,7 +123,9 @@ def make_source(tmp_path: Path, with_project: bool = False) -> Path:
     return src
 
 
-def run_install(root: Path, *args: str, skip_pip: bool = True, env_extra: dict | None = None, check: bool = True):
+def run_install(
+    root: Path, *args: str, skip_pip: bool = True, env_extra: dict | None = None, check: bool = True
+):
     env = {**os.environ, **(env_extra or {})}
     env.pop("EDGE_AGENT_SKIP_PIP", None)
     if skip_pip:
@@ -128,7 +134,9 @@ def run_install(root: Path, *args: str, skip_pip: bool = True, env_extra: dict |
     cmd = ["bash", str(INSTALL), "--root", str(root), "--python", sys.executable, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
-        assert proc.returncode == 0, f"install.sh {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, (
+            f"install.sh {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -166,7 +174,9 @@ def test_systemd_analyze_verify_passes(tmp_path):
 
 def test_verify_helper_catches_bad_directives(tmp_path):
     """Guard against a vacuous verify test: a typo'd key and bad DeviceAllow are reported."""
-    broken = UNIT.read_text().replace("[Service]\n", "[Service]\nWatchDogSecs=30\nDeviceAllow=char-video4linux rwz\n", 1)
+    broken = UNIT.read_text().replace(
+        "[Service]\n", "[Service]\nWatchDogSecs=30\nDeviceAllow=char-video4linux rwz\n", 1
+    )
     _, problems = verify_unit(broken, tmp_path, name="broken-agent.service")
     text = "\n".join(problems)
     assert "WatchDogSecs" in text and "rwz" in text, text
@@ -232,7 +242,9 @@ def test_device_allow_entries_use_forms_systemd_accepts():
         spec, _, rights = entry.partition(" ")
         assert re.fullmatch(r"[rwm]+", rights), entry
         if spec.startswith("/"):
-            assert spec.startswith("/dev/") and "*" not in spec and "?" not in spec, f"paths may not glob: {entry}"
+            assert spec.startswith("/dev/") and "*" not in spec and "?" not in spec, (
+                f"paths may not glob: {entry}"
+            )
         else:
             assert re.fullmatch(r"(char|block)-[A-Za-z0-9_*?./-]+", spec), entry
 
@@ -335,7 +347,12 @@ def test_uninstall_purge_removes_config_and_state(tmp_path):
     root = tmp_path / "root"
     run_install(root, "--source", str(src))
     run_install(root, "--uninstall", "--purge")
-    for rel in ("etc/systemd/system/edge-agent.service", "opt/edge-agent", "etc/edge-agent", "var/lib/edge-agent"):
+    for rel in (
+        "etc/systemd/system/edge-agent.service",
+        "opt/edge-agent",
+        "etc/edge-agent",
+        "var/lib/edge-agent",
+    ):
         assert not (root / rel).exists(), rel
     run_install(root, "--uninstall", "--purge")
 
@@ -345,12 +362,12 @@ def test_uninstall_purge_removes_config_and_state(tmp_path):
     [
         (["--purge"], "--purge only makes sense with --uninstall"),
         (["--bogus"], "unknown argument: --bogus"),
+        # run_install passes --python first; the later (bogus) one wins
         (["--python", "/nonexistent/python3"], "not found"),
     ],
 )
 def test_bad_invocations_fail_clearly(tmp_path, args, message):
     proc = run_install(tmp_path / "root", *args, check=False)
-    # --python given twice: the later (bogus) one wins
     assert proc.returncode != 0
     assert message in proc.stderr
 
@@ -359,7 +376,7 @@ def test_python_without_venv_module_fails_clearly(tmp_path):
     fake = tmp_path / "python3"
     # A "python" that passes the version check but has no venv/ensurepip.
     fake.write_text(
-        f"#!/bin/sh\ncase \"$*\" in *venv*|*ensurepip*) exit 1;; esac\nexec {sys.executable} \"$@\"\n"
+        f'#!/bin/sh\ncase "$*" in *venv*|*ensurepip*) exit 1;; esac\nexec {sys.executable} "$@"\n'
     )
     fake.chmod(0o755)
     proc = run_install(tmp_path / "root", "--python", str(fake), skip_pip=False, check=False)
@@ -399,3 +416,33 @@ def test_real_pip_install_creates_console_scripts(tmp_path):
     assert (venv / "bin/edge-agent").is_file()
     assert (venv / "bin/edge-agent").read_text().startswith(f"#!{venv}/bin/python")
     assert_nothing_world_writable(root)
+
+
+def test_systemd_extra_failure_falls_back_to_tflite_only(tmp_path):
+    """systemd-python needs libsystemd-dev to build; when [tflite,systemd] fails the
+    installer retries with [tflite] and says why. Uses a stub venv python that logs the
+    pip calls and fails any spec with the systemd extra (fast, no network)."""
+    src = make_source(tmp_path, with_project=True)
+    root = tmp_path / "root"
+    venv_bin = root / "opt/edge-agent/venv/bin"
+    venv_bin.mkdir(parents=True)
+    log = tmp_path / "pip.log"
+    stub = venv_bin / "python"
+    stub.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case "$*" in\n'
+        '  "-m pip --version") exit 0 ;;\n'
+        '  *"-m pip install"*",systemd]") echo "Cannot find libsystemd" >&2; exit 1 ;;\n'
+        f'  *"-m pip install"*) printf "#!/bin/sh\\n" > {venv_bin}/edge-agent; chmod 755 {venv_bin}/edge-agent; exit 0 ;;\n'
+        "esac\nexit 2\n"
+    )
+    stub.chmod(0o755)
+    proc = run_install(
+        root, "--source", str(src), skip_pip=False, env_extra={"EDGE_AGENT_PIP_ARGS": "--no-deps"}
+    )
+    calls = [line for line in log.read_text().splitlines() if "pip install" in line]
+    assert len(calls) == 2, calls
+    assert calls[0].endswith(f"{src}[tflite,systemd]") and "--no-deps" in calls[0]
+    assert calls[1].endswith(f"{src}[tflite]")
+    assert "libsystemd-dev" in proc.stderr and "built-in sd_notify" in proc.stderr

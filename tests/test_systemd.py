@@ -1,0 +1,100 @@
+"""sd_notify over a real NOTIFY_SOCKET: READY after the first frame, WATCHDOG, STATUS, RELOADING, STOPPING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import agent_config, wait_until
+
+from agent.systemd import Notifier, _builtin_notify
+
+
+class NotifySocket:
+    """What systemd listens on: an AF_UNIX datagram socket."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.received: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except (TimeoutError, BlockingIOError, socket.timeout):
+                return self.received
+
+    def has(self, prefix: str) -> bool:
+        return any(line.startswith(prefix) for msg in self.drain() for line in msg.splitlines())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    s = NotifySocket(tmp_path / "notify.sock")
+    yield s
+    s.close()
+
+
+def test_builtin_sender_reaches_a_real_socket(notify_socket, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    assert _builtin_notify("READY=1\nSTATUS=hello")
+    assert notify_socket.drain() == ["READY=1\nSTATUS=hello"]
+
+
+def test_builtin_sender_supports_abstract_sockets(monkeypatch):
+    name = f"edge-agent-test-{os.getpid()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    s.settimeout(2)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert _builtin_notify("WATCHDOG=1")
+        assert s.recv(100) == b"WATCHDOG=1"
+    finally:
+        s.close()
+
+
+def test_notifier_is_silent_outside_systemd(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    n = Notifier()
+    assert not n.enabled and n.ready() is False and n.watchdog_interval is None
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_the_watched_pid(monkeypatch, notify_socket):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert Notifier().watchdog_interval == 2.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert Notifier().watchdog_interval is None
+
+
+def test_daemon_speaks_the_notify_protocol_through_its_life(notify_socket, broker, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path)
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "2000000"}
+    agent = agent_factory(cfg, env=env).start()
+    wait_until(lambda: notify_socket.has("READY=1"), 30, what="READY=1")
+    ready = next(m for m in notify_socket.received if "READY=1" in m)
+    assert "STATUS=model blazeface-short-range" in ready
+    wait_until(lambda: sum("WATCHDOG=1" in m for m in notify_socket.drain()) >= 2, 10, what="watchdog pings")
+    wait_until(lambda: notify_socket.has("STATUS=") and any("fps" in m for m in notify_socket.received), 10,
+               what="a STATUS line with fps")
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: notify_socket.has("RELOADING=1"), 10, what="RELOADING=1")
+    reload_at = max(i for i, m in enumerate(notify_socket.received) if "RELOADING=1" in m)
+    wait_until(lambda: any("READY=1" in m for m in notify_socket.drain()[reload_at:]), 10, what="READY after reload")
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    assert notify_socket.has("STOPPING=1")
