@@ -11,9 +11,9 @@ import functools
 import importlib
 import importlib.metadata
 import os
-import sys
 import platform as _platform
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field

@@ -28,7 +28,7 @@ class NotifySocket:
         while True:
             try:
                 self.received.append(self.sock.recv(4096).decode())
-            except (TimeoutError, BlockingIOError, socket.timeout):
+            except (TimeoutError, BlockingIOError):
                 return self.received
 
     def has(self, prefix: str) -> bool:
