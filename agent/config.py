@@ -92,8 +92,21 @@ class HealthConfig(_Section):
 
 
 class DeployConfig(_Section):
-    trusted_keys: list[str] = Field(default_factory=list)
+    trusted_keys: list[str] = Field(default_factory=list, description="Ed25519 public keys (base64, PEM or a file)")
     max_model_mb: float = Field(200.0, gt=0)
+    probation_s: float = Field(60.0, ge=0, description="roll back a new model that misbehaves within this time")
+    validate_timeout_s: float = Field(60.0, gt=0)
+    download_timeout_s: float = Field(600.0, gt=0)
+    keep_versions: int = Field(3, ge=1, description="previous versions kept for rollback")
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        from agent.manifest import load_public_key
+
+        for key in v:
+            load_public_key(key)  # ValueError names the bad key
+        return v
 
 
 class AgentConfig(_Section):

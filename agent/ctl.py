@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
     sp.set_defaults(func=cmd_watch)
 
+    from agent.ctl_deploy import add_parsers
+
+    add_parsers(sub)
+
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     cp = csub.add_parser("check", help="validate a config file: exit 0 if usable, 2 with one line per problem")

@@ -19,8 +19,10 @@ import paho.mqtt.client as paho
 from agent import __version__, probe
 from agent.camera import Capture, FrameSlot, make_source
 from agent.config import AgentConfig, ConfigError, default_config_path, load_config
+from agent.deploy import Deployer
 from agent.health import HealthSampler
 from agent.model import LoadedModel, ManifestError, load_model
+from agent.modelstore import ModelStore
 from agent.mqtt import MqttLink
 from agent.pipeline import Pipeline, Prediction
 from agent.runtimes import ModelLoadError, RuntimeUnavailable
@@ -79,26 +81,44 @@ class Agent:
         self.notifier = Notifier()
         self.topics = Topics(cfg.mqtt.prefix, cfg.device_id)
         self.facts = probe.probe(check_runtimes="first")
-        self.model = self._load_model(cfg)
+        self.store = ModelStore(cfg.state_dir / "models", keep=cfg.deploy.keep_versions)
+        self.model = self._initial_model()
         self.source = make_source(cfg.camera, base=config_path.parent if config_path else None)
         self.slot = FrameSlot()
         self.capture = Capture(self.source, self.slot, fps=cfg.camera.fps, stall_s=cfg.camera.stall_s)
         self.link = MqttLink(
             cfg.mqtt, client_id=cfg.mqtt.client_id or f"edge-agent-{cfg.device_id}",
             will=(self.topics.status, dumps({"state": "offline"})),
-            subscriptions=((self.topics.cmd, 1),),
+            subscriptions=(),
             on_connect=self.publish_status, on_message=self.on_message,
         )
         self.link.client.max_queued_messages_set(1000)
         self.publisher = PredictionPublisher(self.link, self.topics.predictions, cfg.mqtt.predictions_qos)
         self.pipeline = Pipeline(self.slot, self.model, self.publisher.submit)
+        self.deployer = Deployer(cfg, topics=self.topics, publish=self.link.publish, store=self.store,
+                                 load=lambda path: self._load(path), activate=self._swap,
+                                 pipeline_stats=self.pipeline.stats, current_model=lambda: self.model)
+        self.link.subscriptions = ((self.topics.cmd, 1), *self.deployer.subscriptions())
         self.health = HealthSampler(state_dir=cfg.state_dir if cfg.state_dir.exists() else None)
         self._stop = threading.Event()
         self._reload = threading.Event()
 
     # -- building -------------------------------------------------------------------------------
-    def _load_model(self, cfg: AgentConfig) -> LoadedModel:
-        edgetpu = probe.is_edgetpu_model(cfg.model.path) if cfg.model.path.is_file() else False
+    def _initial_model(self) -> LoadedModel:
+        """The last model activated in the store; the configured one when the store is empty or unusable."""
+        stored = self.store.active()
+        if stored is not None:
+            try:
+                return self._load(stored.path)
+            except Exception as exc:  # noqa: BLE001 - a bad store must not keep the device down
+                log.error("stored model %s %s does not load (%s); using the configured model",
+                          stored.name, stored.version, exc)
+        return self._load(self.cfg.model.path, configured=True)
+
+    def _load(self, path: Path, configured: bool = False, cfg: AgentConfig | None = None) -> LoadedModel:
+        """Load a model on the backend the probe picks; config task/labels/threshold apply to the configured one."""
+        cfg = cfg or self.cfg
+        edgetpu = probe.is_edgetpu_model(path) if path.is_file() else False
         choice_box: dict = {}
 
         def choose(fmt: str):
@@ -109,11 +129,18 @@ class Agent:
             return choice
 
         threads = cfg.runtime.threads or (os.cpu_count() or 1)
-        model = load_model(cfg.model.path, choose, task=cfg.model.task, labels_file=cfg.model.labels,
-                           threshold=cfg.model.threshold, threads=threads,
-                           cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None)
-        self.choice = choice_box["choice"]
+        extra = dict(task=cfg.model.task, labels_file=cfg.model.labels, threshold=cfg.model.threshold) if configured else {}
+        model = load_model(path, choose, threads=threads,
+                           cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None, **extra)
+        model.choice = choice_box["choice"]  # type: ignore[attr-defined]
         return model
+
+    def _swap(self, new: LoadedModel) -> LoadedModel:
+        """Make ``new`` the serving model between two frames; returns the old one, still open."""
+        old = self.pipeline.swap(new)
+        self.model = new
+        self.publish_status()
+        return old
 
     # -- MQTT -----------------------------------------------------------------------------------
     def status_payload(self, state: str = "online") -> dict:
@@ -122,12 +149,13 @@ class Agent:
             "state": state,
             "ts": time.time(),
             "device_id": self.cfg.device_id,
+            "groups": list(self.cfg.groups),
             "boot_id": self.pipeline.boot_id,
             "agent_version": __version__,
             "platform": {"kind": self.facts.platform, "model": self.facts.model, "arch": self.facts.arch},
             "backend": info.backend,
             "accelerator": info.accelerator,
-            "runtime": {"module": info.module, "providers": list(info.providers), "reason": self.choice.reason,
+            "runtime": {"module": info.module, "providers": list(info.providers), "reason": getattr(self.model, "choice", None) and self.model.choice.reason,
                         "notes": list(info.notes)},
             "model": self.model.info.to_json(),
             "camera": {"source": self.source.name},
@@ -139,6 +167,8 @@ class Agent:
     def on_message(self, msg: paho.MQTTMessage) -> None:
         if msg.topic == self.topics.cmd:
             self._on_command(msg)
+        elif not self.deployer.on_message(msg.topic, msg.payload, bool(msg.retain)):
+            log.debug("ignoring a message on %s", msg.topic)
 
     def _on_command(self, msg: paho.MQTTMessage) -> None:
         if msg.retain:
@@ -154,21 +184,50 @@ class Agent:
                 raise ValueError("command must be a JSON object")
             request_id = req.get("request_id")
             command = req.get("command")
+            if command in ("rollback", "models"):
+                rid = request_id
+                self.deployer.request(command, lambda result: self._respond({"request_id": rid, **result}))
+                return
             if command == "reload":
                 self._reload.set()
                 result: dict = {}
             elif command == "status":
                 result = {"status": self.status_payload()}
+            elif command == "snapshot":
+                result = self._snapshot()
             else:
-                raise ValueError(f"unknown command {command!r}; expected one of: reload, status")
+                raise ValueError(f"unknown command {command!r}; expected one of: rollback, models, snapshot, "
+                                 "reload, status")
             response = {"request_id": request_id, "ok": True, "error": None, **result}
         except (ValueError, UnicodeDecodeError) as exc:
             response = {"request_id": request_id, "ok": False, "error": str(exc)}
+        self._respond(response)
+
+    def _respond(self, response: dict) -> None:
         self.link.publish(self.topics.cmd_response, dumps(response), qos=1)
+
+    def _snapshot(self) -> dict:
+        """The newest frame as a small JPEG (base64) with the predictions made on it."""
+        import base64
+
+        import cv2
+
+        frame = self.pipeline.last_frame
+        if frame is None:
+            raise ValueError("no frame captured yet")
+        h, w = frame.image.shape[:2]
+        scale = min(1.0, 640 / w)
+        img = cv2.resize(frame.image, (int(w * scale), int(h * scale))) if scale < 1 else frame.image
+        ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        if not ok:
+            raise ValueError("could not encode the frame")
+        return {"frame_ts": frame.ts, "width": img.shape[1], "height": img.shape[0],
+                "jpeg": base64.b64encode(jpeg.tobytes()).decode()}
 
     # -- running --------------------------------------------------------------------------------
     def run(self) -> int:
         self.capture.start()
+        self.deployer.start()
         self.link.start()
         self.publisher.start()
         self.pipeline.start()
@@ -221,15 +280,12 @@ class Agent:
             self.cfg.health.interval_s = new.health.interval_s
             if new.model != self.cfg.model or new.runtime != self.cfg.runtime:
                 try:
-                    model = self._load_model(new)
+                    model = self._load(new.model.path, configured=True, cfg=new)
                 except Exception as exc:  # noqa: BLE001 - keep serving the old model
                     log.error("reload: new model not loaded, keeping the current one: %s", exc)
                 else:
-                    old = self.pipeline.swap(model)
-                    self.model = model
-                    old.close()
+                    self._swap(model).close()
                     self.cfg.model, self.cfg.runtime = new.model, new.runtime
-                    self.publish_status()
             log.info("reload: configuration re-read")
         self.notifier.ready(self._status_line())
 
@@ -240,6 +296,7 @@ class Agent:
         t0 = time.monotonic()
         self.notifier.stopping()
         self.capture.stop()
+        self.deployer.stop()
         self.pipeline.stop()
         self.publisher.stop()
         self.link.stop(final=(self.topics.status, dumps({**self.status_payload("offline")})))

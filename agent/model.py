@@ -155,6 +155,11 @@ class LoadedModel:
         # Write straight into the TFLite interpreter's input buffer when it offers one.
         self._input_view = getattr(session, "input_view", None) if len(session.inputs) == 1 else None
 
+    def run_raw(self, frame: np.ndarray) -> tuple[list[np.ndarray], Geometry]:
+        """Preprocess and run, returning the raw outputs (for validation and golden data)."""
+        tensor, geom = self.preprocessor(frame)
+        return [np.array(o) for o in self.session.run([tensor])], geom
+
     def infer(self, frame: np.ndarray) -> tuple[list[Result], Timings]:
         t0 = time.perf_counter()
         if self._input_view is not None:
@@ -168,6 +173,10 @@ class LoadedModel:
             t1 = time.perf_counter()
             outputs = self.session.run([tensor])
         t2 = time.perf_counter()
+        for out in outputs:
+            # A model that produces NaN or nothing must count as failing (probation rolls it back).
+            if out.size == 0 or (out.dtype.kind == "f" and not np.isfinite(out).all()):
+                raise FloatingPointError("model output has NaN/infinite values or is empty")
         results = self.decoder(outputs, geom)
         t3 = time.perf_counter()
         return results, Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,12 +85,14 @@ class MqttLink:
         self.sent = 0
         self.unsent = 0  # QoS 0 messages that could not go out (no connection)
         self.connects = 0
+        self._socket_error: str | None = None  # a read error paho only reports through on_log
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
         self.client.on_connect_fail = self._handle_connect_fail
+        self.client.on_log = self._handle_log
 
     @property
     def connected(self) -> bool:
@@ -125,9 +128,11 @@ class MqttLink:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self.last_error = f"broker refused the connection: {reason_code}"
+            error = f"broker refused the connection: {reason_code}"
+            if error != self.last_error:  # once, not on every retry
+                log.error("mqtt: %s (%s)", error, self.endpoint)
+            self.last_error = error
             self.state = "disconnected"
-            log.error("mqtt: %s (%s)", self.last_error, self.endpoint)
             return
         self.connects += 1
         self.state = "connected"
@@ -148,12 +153,26 @@ class MqttLink:
         self.state = "disconnected"
         if was:
             log.warning("mqtt: disconnected from %s (%s); reconnecting", self.endpoint, reason_code)
+        elif self._socket_error:  # dropped before CONNACK, e.g. the broker rejected our TLS client certificate
+            self._connect_failed(self._socket_error)
+        self._socket_error = None
 
     def _handle_connect_fail(self, client, userdata) -> None:
+        # paho calls this from inside its `except OSError` around reconnect(): that exception is the reason
+        # (connection refused, DNS, "certificate verify failed", ...).
+        exc = sys.exc_info()[1]
+        self._connect_failed(str(exc) if exc else "unreachable")
+
+    def _handle_log(self, client, userdata, level, buf) -> None:
+        if level == paho.MQTT_LOG_ERR and buf.startswith("failed to receive on socket: "):
+            self._socket_error = buf.removeprefix("failed to receive on socket: ")
+
+    def _connect_failed(self, reason: str) -> None:
+        """Log why the connection failed, once per distinct reason (not on every retry)."""
         self.state = "disconnected"
-        if self.last_error != "unreachable":
-            log.warning("mqtt: cannot reach %s; retrying in the background", self.endpoint)
-        self.last_error = "unreachable"
+        if reason != self.last_error:
+            log.warning("mqtt: cannot connect to %s: %s; retrying in the background", self.endpoint, reason)
+        self.last_error = reason
 
     def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         if self._on_message is None:

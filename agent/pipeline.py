@@ -67,6 +67,7 @@ class Pipeline:
         self.boot_id = boot_id or uuid.uuid4().hex
         self.stats = PipelineStats()
         self._seq = 0
+        self.last_frame: Frame | None = None
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
         self._lock = threading.Lock()
@@ -125,6 +126,7 @@ class Pipeline:
     def _process(self, frame: Frame) -> None:
         model = self._model
         stats = self.stats
+        self.last_frame = frame
         try:
             results, timings = model.infer(frame.image)
         except Exception as exc:  # noqa: BLE001 - a bad frame or model must not stop the loop

@@ -1,0 +1,405 @@
+"""agent-ctl deploy / rollback / models / snapshot / keygen: deployment as an MQTT client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as paho
+
+from agent.manifest import DEFAULT_CHUNK_BYTES, Golden, load_private_key, public_key_text, sample_output, sign
+from agent.model import file_sha256, read_labels, read_manifest
+from agent.runtimes import detect_format
+from agent.topics import Topics, device_of
+
+TERMINAL = {"active", "rejected", "failed", "rolled_back"}
+
+
+def _ctl():
+    from agent import ctl  # late: ctl imports this module for its parser
+
+    return ctl
+
+
+def safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+    return name[:100]
+
+
+def golden_frame() -> np.ndarray:
+    """A deterministic 160x120 test card: gradients and blocks, so every model gets a varied input."""
+    x = np.linspace(0, 255, 160, dtype=np.float32)
+    y = np.linspace(0, 255, 120, dtype=np.float32)[:, None]
+    img = np.stack([np.broadcast_to(x, (120, 160)), np.broadcast_to(y, (120, 160)),
+                    np.broadcast_to((x[None, :] + y) / 2, (120, 160))], axis=2).astype(np.uint8)
+    img[30:90, 50:110] = (40, 200, 90)
+    return img
+
+
+def make_golden(model_path: Path, task: str) -> Golden:
+    """Run the model locally on the test card; the device must reproduce these outputs."""
+    from agent import probe
+    from agent.model import load_model
+    from agent.runtimes.base import dequantize
+
+    facts = probe.probe(check_runtimes="first")
+    model = load_model(model_path, lambda fmt: probe.choose_runtime(facts, fmt), task=task)
+    frame = golden_frame()
+    outputs, _ = model.run_raw(frame)
+    real = [dequantize(o, s) for o, s in zip(outputs, model.session.outputs, strict=True)]
+    model.close()
+    ok, png = cv2.imencode(".png", frame)
+    assert ok
+    return Golden(frame_png=base64.b64encode(png.tobytes()).decode(),
+                  outputs=[sample_output(i, o) for i, o in enumerate(real)])
+
+
+def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
+    """The manifest dict and the model bytes; UsageError for bad input."""
+    ctl = _ctl()
+    if not model_path.is_file():
+        raise ctl.UsageError(f"model file not found: {model_path}")
+    try:
+        fmt = detect_format(model_path)
+    except ValueError as exc:
+        raise ctl.UsageError(str(exc)) from None
+    try:
+        side = read_manifest(model_path)
+    except ValueError as exc:
+        raise ctl.UsageError(str(exc)) from None
+    task = args.task or side.task
+    if task is None:
+        raise ctl.UsageError("no task: pass --task (classification, ssd, yolo, blazeface, raw) or put task: in "
+                             "a model.yaml beside the model")
+    labels = None
+    if args.labels:
+        if not Path(args.labels).is_file():
+            raise ctl.UsageError(f"labels file not found: {args.labels}")
+        labels = list(read_labels(Path(args.labels)))
+    elif side.labels:
+        labels = list(side.labels)
+    elif side.labels_file and (model_path.parent / side.labels_file).is_file():
+        labels = list(read_labels(model_path.parent / side.labels_file))
+    data = model_path.read_bytes()
+    name = safe_name(args.name or side.name or model_path.stem)
+    version = safe_name(args.version or (side.version if side.version != "0" else time.strftime("%Y%m%d%H%M%S")))
+    spec: dict = {"name": name, "version": version, "format": fmt, "sha256": file_sha256(model_path),
+                  "size": len(data), "task": task}
+    if labels:
+        spec["labels"] = labels
+    pre = side.preprocess.model_dump(exclude_defaults=True)
+    if pre:
+        spec["preprocess"] = pre
+    dec = side.decode.model_dump(exclude_defaults=True)
+    if dec:
+        spec["decode"] = dec
+    if args.url:
+        source: dict = {"type": "url", "url": args.url}
+    else:
+        chunk = args.chunk_kb * 1024
+        source = {"type": "mqtt", "chunks": max(1, -(-len(data) // chunk)), "chunk_size": chunk}
+    raw: dict = {"deployment_id": f"{name}-{version}-{uuid.uuid4().hex[:8]}", "model": spec, "source": source,
+                 "created": time.time()}
+    if not args.no_golden:
+        try:
+            raw["golden"] = make_golden(model_path, task).model_dump()
+        except Exception as exc:  # noqa: BLE001 - a model this machine can't run is deployed without golden data
+            print(f"note: no golden check (this machine could not run the model: {exc})", file=sys.stderr)
+    if args.sign_key:
+        key_path = Path(args.sign_key)
+        if not key_path.is_file():
+            raise ctl.UsageError(f"signing key not found: {key_path}")
+        try:
+            raw["signature"] = sign(raw, load_private_key(key_path))
+        except ValueError as exc:
+            raise ctl.UsageError(str(exc)) from None
+    return raw, data
+
+
+@dataclass
+class Target:
+    device: str
+    state: str = "waiting"
+    progress: float = 0.0
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+
+class DeployRun:
+    """Publishes a manifest, serves its chunks to every target that asks, follows their events."""
+
+    def __init__(self, session, cfg, raw: dict, data: bytes, *, device: str | None, group: str | None):
+        self.s, self.cfg, self.raw, self.data = session, cfg, raw, data
+        self.id = raw["deployment_id"]
+        self.prefix = cfg.mqtt.prefix
+        self.group = group
+        self.targets: dict[str, Target] = {}
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.sent_group_chunks = False
+        self.chunk_size = raw["source"].get("chunk_size", 0)
+        if group:
+            self.manifest_topic = f"{self.prefix}/groups/{group}/deploy"
+        else:
+            self.manifest_topic = Topics(self.prefix, device).deploy
+            self.targets[device] = Target(device)
+
+    def chunks(self, indices=None):
+        n = self.raw["source"].get("chunks", 0)
+        for i in indices if indices is not None else range(n):
+            if 0 <= i < n:
+                yield i, self.data[i * self.chunk_size:(i + 1) * self.chunk_size]
+
+    def publish_chunks(self, base: str, indices=None) -> None:
+        for i, chunk in self.chunks(indices):
+            self.s.client.publish(f"{base}/{self.id}/chunk/{i}", chunk, qos=1)
+
+    def on_event(self, msg: paho.MQTTMessage) -> None:
+        dev = device_of(msg.topic, self.prefix)
+        ev = _ctl()._json(msg)
+        if dev is None or ev is None or ev.get("deployment_id") != self.id:
+            return
+        with self.lock:
+            t = self.targets.get(dev)
+            if t is None:
+                if not self.group:
+                    return
+                t = self.targets[dev] = Target(dev)  # a group member we did not know about
+            if t.state in TERMINAL:
+                return
+            state = ev.get("state", t.state)
+            if state == "received" and self.raw["source"]["type"] == "mqtt":
+                if self.group and not self.sent_group_chunks:
+                    self.sent_group_chunks = True
+                    threading.Thread(target=self.publish_chunks, daemon=True,
+                                     args=(f"{self.prefix}/groups/{self.group}/deploy",)).start()
+                elif not self.group:
+                    threading.Thread(target=self.publish_chunks, daemon=True,
+                                     args=(Topics(self.prefix, dev).deploy,)).start()
+            if ev.get("need"):
+                threading.Thread(target=self.publish_chunks, daemon=True,
+                                 args=(Topics(self.prefix, dev).deploy, list(ev["need"]))).start()
+            t.state = state
+            if isinstance(ev.get("progress"), int | float):
+                t.progress = float(ev["progress"])
+            if ev.get("error"):
+                t.error = ev["error"]
+            if state in TERMINAL:
+                t.ended = time.monotonic()
+        self.changed.set()
+
+    def on_status(self, msg: paho.MQTTMessage) -> None:
+        dev = device_of(msg.topic, self.prefix)
+        st = _ctl()._json(msg)
+        if dev and st and self.group in (st.get("groups") or []) and st.get("state") == "online":
+            with self.lock:
+                self.targets.setdefault(dev, Target(dev))
+            self.changed.set()
+
+
+def _bar(p: float, width: int = 20) -> str:
+    n = int(round(p * width))
+    return "#" * n + "-" * (width - n)
+
+
+def cmd_deploy(args) -> int:
+    ctl = _ctl()
+    raw, data = build_manifest(args, Path(args.model))
+    cfg = ctl._config(args)
+    device = None if args.group else (args.device or cfg.device_id)
+    s = ctl.Session(cfg)
+    run = DeployRun(s, cfg, raw, data, device=device, group=args.group)
+    try:
+        s.subscribe(f"{cfg.mqtt.prefix}/{device or '+'}/events", run.on_event)
+        if args.group:
+            s.subscribe(f"{cfg.mqtt.prefix}/+/status", run.on_status)
+            time.sleep(1.0)  # gather the retained statuses: who is in the group
+        size_mb = len(data) / 2**20
+        print(f"deploying {raw['model']['name']} {raw['model']['version']} ({raw['model']['format']}, "
+              f"{size_mb:.2f} MB, sha256 {raw['model']['sha256'][:12]}…) as {run.id} to "
+              f"{'group ' + args.group if args.group else 'device ' + device}", file=sys.stderr)
+        s.publish(run.manifest_topic, json.dumps(raw).encode(), qos=1, retain=True)
+        if args.no_wait:
+            if raw["source"]["type"] == "mqtt":
+                run.publish_chunks(run.manifest_topic)
+            print(f"published {run.id}; not waiting (agent-ctl status shows the result)", file=sys.stderr)
+            return ctl.EXIT_OK
+        return _follow(run, args.timeout, args.group)
+    finally:
+        s.close()
+
+
+def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
+    ctl = _ctl()
+    deadline = time.monotonic() + timeout
+    shown: dict[str, tuple[str, int]] = {}
+    t0 = time.monotonic()
+    tty = sys.stderr.isatty()
+    while time.monotonic() < deadline:
+        run.changed.wait(0.5)
+        run.changed.clear()
+        with run.lock:
+            targets = dict(run.targets)
+        for dev, t in sorted(targets.items()):
+            step = int(t.progress * 10) if t.state == "downloading" else -1
+            if shown.get(dev) != (t.state, step):
+                shown[dev] = (t.state, step)
+                detail = f" [{_bar(t.progress)}] {t.progress:4.0%}" if t.state == "downloading" else ""
+                err = f": {t.error}" if t.error else ""
+                print(f"{'' if not tty else chr(13)}{dev:<20} {t.state:<11}{detail}{err}", file=sys.stderr)
+        if targets and all(t.state in TERMINAL for t in targets.values()):
+            if group and time.monotonic() - t0 < 2.0:
+                continue  # let late-reporting group members show up
+            break
+    with run.lock:
+        targets = dict(run.targets)
+    if not targets:
+        print(f"no device in group {group!r} answered within {timeout:.0f} s; the manifest stays retained "
+              "for devices that connect later", file=sys.stderr)
+        return ctl.EXIT_FAILED
+    bad = {d: t for d, t in targets.items() if t.state != "active"}
+    took = time.monotonic() - t0
+    if not bad:
+        print(f"active on {len(targets)} device(s) in {took:.1f} s", file=sys.stderr)
+        return ctl.EXIT_OK
+    for dev, t in sorted(bad.items()):
+        if t.state in TERMINAL:
+            print(f"{dev}: {t.state}: {t.error or 'no reason given'}", file=sys.stderr)
+        elif t.state == "waiting":
+            print(f"{dev}: no answer within {timeout:.0f} s (offline? the manifest stays retained and is applied "
+                  "when it connects)", file=sys.stderr)
+        else:
+            print(f"{dev}: still {t.state} after {timeout:.0f} s", file=sys.stderr)
+    return ctl.EXIT_FAILED
+
+
+def request(cfg, device: str, command: str, timeout: float) -> dict:
+    """Send one cmd to a device and wait for its response."""
+    ctl = _ctl()
+    topics = Topics(cfg.mqtt.prefix, device)
+    rid = uuid.uuid4().hex
+    got: dict = {}
+    done = threading.Event()
+
+    def on_resp(msg: paho.MQTTMessage) -> None:
+        data = ctl._json(msg)
+        if data and data.get("request_id") == rid:
+            got.update(data)
+            done.set()
+
+    s = ctl.Session(cfg)
+    try:
+        s.subscribe(topics.cmd_response, on_resp)
+        s.publish(topics.cmd, json.dumps({"command": command, "request_id": rid}).encode(), qos=1)
+        if not done.wait(timeout):
+            raise ctl.CtlError(f"no answer from {device} within {timeout:.0f} s (is it online? agent-ctl status)")
+    finally:
+        s.close()
+    if not got.get("ok"):
+        raise ctl.CtlError(f"{device}: {command} failed: {got.get('error')}")
+    return got
+
+
+def cmd_rollback(args) -> int:
+    ctl = _ctl()
+    cfg = ctl._config(args)
+    device = args.device or cfg.device_id
+    resp = request(cfg, device, "rollback", args.timeout)
+    m = resp.get("model") or {}
+    print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
+    return ctl.EXIT_OK
+
+
+def cmd_models(args) -> int:
+    ctl = _ctl()
+    cfg = ctl._config(args)
+    device = args.device or cfg.device_id
+    resp = request(cfg, device, "models", args.timeout)
+    if args.json:
+        print(json.dumps(resp, indent=2))
+        return ctl.EXIT_OK
+    for m in resp.get("models", []):
+        mark = "*" if m.get("active") else " "
+        print(f"{mark} {m.get('name')} {m.get('version')}  {m.get('format')}  {m.get('task')}  {str(m.get('sha256'))[:12]}")
+    return ctl.EXIT_OK
+
+
+def cmd_snapshot(args) -> int:
+    ctl = _ctl()
+    cfg = ctl._config(args)
+    device = args.device or cfg.device_id
+    resp = request(cfg, device, "snapshot", args.timeout)
+    out = Path(args.out or f"{device}-snapshot.jpg")
+    out.write_bytes(base64.b64decode(resp["jpeg"]))
+    print(f"{out}: {resp['width']}x{resp['height']} frame from {device}")
+    return ctl.EXIT_OK
+
+
+def cmd_keygen(args) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    ctl = _ctl()
+    key_path, pub_path = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
+    for p in (key_path, pub_path):
+        if p.exists() and not args.force:
+            raise ctl.UsageError(f"{p} exists; pass --force to replace it")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public = public_key_text(key.public_key())
+    pub_path.write_text(public + "\n")
+    print(f"private key: {key_path} (keep it secret; agent-ctl deploy --sign-key {key_path})")
+    print(f"public key:  {pub_path}")
+    print("add to each device's agent.yaml:\n  deploy:\n    trusted_keys:\n      - " + public)
+    return ctl.EXIT_OK
+
+
+def add_parsers(sub) -> None:
+    sp = sub.add_parser("deploy", help="push a model to a device or group; exit 0 when every target is active")
+    sp.add_argument("model", help=".tflite or .onnx file (a model.yaml beside it supplies task, labels, preprocess)")
+    target = sp.add_mutually_exclusive_group()
+    target.add_argument("--device", help="device id (default: the config's device_id)")
+    target.add_argument("--group", help="every device in this fleet group")
+    sp.add_argument("--name")
+    sp.add_argument("--version")
+    sp.add_argument("--task", choices=["classification", "ssd", "yolo", "blazeface", "raw"])
+    sp.add_argument("--labels", help="labels file, one per line")
+    sp.add_argument("--url", help="devices download the model from this http(s)/file URL instead of MQTT chunks")
+    sp.add_argument("--sign-key", help="Ed25519 private key (from agent-ctl keygen) to sign the manifest")
+    sp.add_argument("--timeout", type=float, default=300, help="seconds to wait for every target (default 300)")
+    sp.add_argument("--no-wait", action="store_true", help="publish and exit")
+    sp.add_argument("--no-golden", action="store_true", help="skip the golden-output check")
+    sp.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES // 1024,
+                    help="MQTT chunk size in KiB (default 96: fits AWS IoT Core's 128 KiB limit)")
+    sp.set_defaults(func=cmd_deploy)
+
+    for name, func, helptext in (("rollback", cmd_rollback, "roll a device back to its previous model"),
+                                 ("models", cmd_models, "models installed on a device (active marked *)"),
+                                 ("snapshot", cmd_snapshot, "save the device's newest frame as a JPEG")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--device", help="device id (default: the config's device_id)")
+        sp.add_argument("--timeout", type=float, default=30)
+        if name == "models":
+            sp.add_argument("--json", action="store_true")
+        if name == "snapshot":
+            sp.add_argument("--out", help="JPEG file (default: DEVICE-snapshot.jpg)")
+        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("keygen", help="write an Ed25519 key pair for signing deployments")
+    sp.add_argument("--out", default="edge-agent-signing", help="file prefix: PREFIX.key and PREFIX.pub")
+    sp.add_argument("--force", action="store_true")
+    sp.set_defaults(func=cmd_keygen)

@@ -1,0 +1,199 @@
+"""The deployment manifest: schema, canonical form, Ed25519 signatures, golden-output checks."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no '/', no '..' at the start: cannot escape a directory
+SAFE_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+MAX_MANIFEST_BYTES = 256 * 1024
+MAX_CHUNK_BYTES = 128 * 1024  # AWS IoT Core's message limit
+DEFAULT_CHUNK_BYTES = 96 * 1024
+
+
+class ManifestRejected(ValueError):
+    """The manifest must not be applied; the message says why in words a person can act on."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    name: str = Field(pattern=SAFE_NAME)
+    version: str = Field(pattern=SAFE_VERSION)
+    format: Literal["tflite", "onnx"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0)
+    task: Literal["classification", "ssd", "yolo", "blazeface", "raw"]
+    labels: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=100_000)
+    preprocess: dict[str, Any] | None = None
+    decode: dict[str, Any] | None = None
+
+
+class MqttSource(_Strict):
+    type: Literal["mqtt"]
+    chunks: int = Field(gt=0, le=1_000_000)
+    chunk_size: int = Field(gt=0, le=MAX_CHUNK_BYTES)
+
+
+class UrlSource(_Strict):
+    type: Literal["url"]
+    url: str = Field(pattern=r"^(https?|file)://", max_length=4096)
+
+
+class GoldenOutput(_Strict):
+    index: int = Field(ge=0)
+    shape: list[int]
+    stride: int = Field(gt=0)
+    values: list[float] = Field(max_length=1024)
+    mean: float
+    std: float
+
+
+class Golden(_Strict):
+    """A small frame and samples of the raw outputs it gave where the deployment was made."""
+
+    frame_png: str = Field(max_length=96 * 1024)  # base64
+    outputs: list[GoldenOutput]
+    atol: float = Field(1e-3, ge=0)
+    rtol: float = Field(1e-2, ge=0)
+    max_mismatch: float = Field(0.01, ge=0, le=1, description="fraction of samples allowed outside tolerance")
+
+
+class DeploymentManifest(_Strict):
+    deployment_id: str = Field(pattern=SAFE_NAME)
+    model: ModelSection
+    source: Annotated[MqttSource | UrlSource, Field(discriminator="type")]
+    golden: Golden | None = None
+    signature: str | None = None
+    created: float | None = None
+
+    @model_validator(mode="after")
+    def _chunks_cover_the_file(self) -> DeploymentManifest:
+        s = self.source
+        if isinstance(s, MqttSource) and not ((s.chunks - 1) * s.chunk_size < self.model.size <= s.chunks * s.chunk_size):
+            raise ValueError(f"{s.chunks} chunks of {s.chunk_size} bytes do not hold a {self.model.size}-byte model")
+        return self
+
+
+def parse_manifest(payload: bytes) -> tuple[dict, DeploymentManifest]:
+    """The raw dict (for the signature) and the validated manifest; ManifestRejected otherwise."""
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ManifestRejected(f"manifest is {len(payload)} bytes; the limit is {MAX_MANIFEST_BYTES}")
+    try:
+        raw = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestRejected(f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ManifestRejected("manifest must be a JSON object")
+    try:
+        return raw, DeploymentManifest.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()[:8]]
+        raise ManifestRejected("invalid manifest: " + "; ".join(lines)) from None
+
+
+def canonical_bytes(raw: dict) -> bytes:
+    """What is signed: the manifest without its signature, keys sorted, no whitespace, UTF-8."""
+    body = {k: v for k, v in raw.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    """The one-line form that goes in deploy.trusted_keys: base64 of the 32 raw bytes."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def load_public_key(text: str) -> Ed25519PublicKey:
+    """A trusted key: base64 raw (what keygen prints), a PEM block, or a path to either."""
+    text = text.strip()
+    if not text.startswith("-----BEGIN") and "/" in text and Path(text).is_file():
+        text = Path(text).read_text().strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_public_key(text.encode())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("trusted key is not an Ed25519 public key")
+        return key
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ValueError(f"trusted key {text[:12]!r}…: not base64, PEM, or a key file") from None
+    if len(raw) != 32:
+        raise ValueError(f"trusted key {text[:12]!r}…: an Ed25519 key is 32 bytes, this is {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def sign(raw: dict, key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(key.sign(canonical_bytes(raw))).decode()
+
+
+def check_signature(raw: dict, trusted: list[Ed25519PublicKey]) -> None:
+    """Nothing when no keys are trusted or one of them signed it; ManifestRejected otherwise."""
+    if not trusted:
+        return
+    sig_text = raw.get("signature")
+    if not sig_text:
+        raise ManifestRejected("unsigned deployment; this device only accepts manifests signed by a trusted key "
+                               "(agent-ctl deploy --sign-key FILE)")
+    try:
+        sig = base64.b64decode(sig_text, validate=True)
+    except (ValueError, TypeError):
+        raise ManifestRejected("signature is not base64") from None
+    data = canonical_bytes(raw)
+    for key in trusted:
+        try:
+            key.verify(sig, data)
+            return
+        except InvalidSignature:
+            continue
+    raise ManifestRejected("bad signature: no trusted key signed this manifest (or it was changed after signing)")
+
+
+# -- golden outputs -------------------------------------------------------------------------------
+
+def sample_output(index: int, arr: np.ndarray, n: int = 256) -> GoldenOutput:
+    flat = np.asarray(arr, np.float64).ravel()
+    stride = max(1, flat.size // n)
+    values = flat[::stride][:n]
+    return GoldenOutput(index=index, shape=list(arr.shape), stride=stride, values=[float(v) for v in values],
+                        mean=float(flat.mean()) if flat.size else 0.0, std=float(flat.std()) if flat.size else 0.0)
+
+
+def compare_golden(golden: Golden, outputs: list[np.ndarray]) -> str | None:
+    """None when the outputs match the golden samples within tolerance, else what differs."""
+    if len(outputs) <= max((g.index for g in golden.outputs), default=-1):
+        return f"the model has {len(outputs)} outputs; the golden data has more"
+    for g in golden.outputs:
+        arr = np.asarray(outputs[g.index], np.float64)
+        if list(arr.shape) != g.shape:
+            return f"output {g.index} has shape {list(arr.shape)}, expected {g.shape}"
+        got = arr.ravel()[:: g.stride][: len(g.values)]
+        exp = np.asarray(g.values)
+        if not np.isfinite(got).all():
+            return f"output {g.index} has NaN or infinite values on the golden frame"
+        bad = np.abs(got - exp) > golden.atol + golden.rtol * np.abs(exp)
+        if bad.mean() > golden.max_mismatch:
+            worst = float(np.abs(got - exp).max())
+            return (f"output {g.index} differs from the golden output on {int(bad.sum())} of {bad.size} samples "
+                    f"(largest difference {worst:.4g})")
+    return None

@@ -1,0 +1,139 @@
+"""Getting model bytes onto the device: MQTT chunks or a URL, into a staging file that survives restarts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    """Download failed; the message says why."""
+
+
+class ChunkReceiver:
+    """Writes chunks to ``<staging>/<id>.part`` as they come; which ones arrived is kept in ``<id>.have``.
+
+    The .have file is rewritten with os.replace after each chunk, so after a crash it never claims a
+    chunk whose bytes were not written first.
+    """
+
+    def __init__(self, staging: Path, deployment_id: str, chunks: int, chunk_size: int, size: int):
+        staging.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.part = staging / f"{deployment_id}.part"
+        self._have_path = staging / f"{deployment_id}.have"
+        self.chunks, self.chunk_size, self.size = chunks, chunk_size, size
+        self._have = bytearray(chunks)
+        self._cond = threading.Condition()
+        if self.part.exists() and self._have_path.exists():
+            saved = self._have_path.read_bytes()
+            if len(saved) == chunks:
+                self._have[:] = saved
+        if not self.part.exists():
+            with open(self.part, "wb") as f:
+                f.truncate(size)
+            os.chmod(self.part, 0o640)
+        self._fd = os.open(self.part, os.O_WRONLY)
+        self.received = sum(self._have)
+        self.resumed = self.received  # chunks already on disk when this transfer (re)started
+        self.last_progress = time.monotonic()
+
+    def write(self, index: int, data: bytes) -> bool:
+        """Store chunk ``index``; False for a duplicate, an index out of range or a wrongly sized chunk."""
+        if not 0 <= index < self.chunks:
+            return False
+        expected = min(self.chunk_size, self.size - index * self.chunk_size)
+        if len(data) != expected:
+            log.warning("chunk %d has %d bytes, expected %d; ignored", index, len(data), expected)
+            return False
+        with self._cond:
+            if self._have[index] or self._fd < 0:
+                return False
+            os.pwrite(self._fd, data, index * self.chunk_size)
+            self._have[index] = 1
+            self.received += 1
+            tmp = self._have_path.with_suffix(".have.tmp")
+            tmp.write_bytes(bytes(self._have))
+            os.replace(tmp, self._have_path)
+            self.last_progress = time.monotonic()
+            self._cond.notify_all()
+        return True
+
+    def missing(self, limit: int = 1000) -> list[int]:
+        with self._cond:
+            return [i for i, h in enumerate(self._have) if not h][:limit]
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.chunks
+
+    @property
+    def progress(self) -> float:
+        return self.received / self.chunks
+
+    def wait(self, timeout: float) -> None:
+        """Block until a chunk arrives or ``timeout`` passes."""
+        with self._cond:
+            if not self.complete:
+                self._cond.wait(timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        for p in (self.part, self._have_path):
+            p.unlink(missing_ok=True)
+
+
+def download_url(url: str, dest: Path, size: int, *, progress: Callable[[float], None],
+                 timeout: float = 30.0, stop: threading.Event | None = None) -> None:
+    """Fetch ``url`` into ``dest``, resuming from what is already there with an HTTP Range request."""
+    if url.startswith("file://"):
+        src = Path(url[len("file://"):])
+        if not src.is_file():
+            raise TransferError(f"{url}: no such file")
+        shutil.copyfile(src, dest)
+        progress(1.0)
+        return
+    have = dest.stat().st_size if dest.exists() else 0
+    if have > size:
+        dest.unlink()
+        have = 0
+    if have == size:
+        progress(1.0)
+        return
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked by the manifest schema
+    except urllib.error.HTTPError as exc:
+        raise TransferError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise TransferError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    with resp:
+        if have and resp.status != 206:  # the server ignored Range: start again
+            have = 0
+        with open(dest, "ab" if have else "wb") as f:
+            got = have
+            while chunk := resp.read(256 * 1024):
+                if stop is not None and stop.is_set():
+                    raise TransferError("stopped")
+                got += len(chunk)
+                if got > size:
+                    raise TransferError(f"{url}: more than the manifest's {size} bytes")
+                f.write(chunk)
+                progress(got / size)
+    if got != size:
+        raise TransferError(f"{url}: got {got} bytes, the manifest says {size}")
