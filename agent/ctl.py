@@ -50,6 +50,7 @@ class Session:
         self.client, self.endpoint = make_client(cfg.mqtt, f"agent-ctl-{uuid.uuid4().hex[:8]}")
         self._connected = threading.Event()
         self._error: str | None = None
+        self._topics: list[str] = []
         self.client.on_connect = self._on_connect
         try:
             self.client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
@@ -64,10 +65,13 @@ class Session:
         if reason_code.is_failure:
             self._error = f"the broker at {self.endpoint} refused the connection: {reason_code}"
         else:
+            for topic in self._topics:  # again after a reconnect: the broker forgot a clean session
+                client.subscribe(topic, qos=1)
             self._connected.set()
 
     def subscribe(self, topic: str, on_message) -> None:
         self.client.message_callback_add(topic, lambda c, u, m: on_message(m))
+        self._topics.append(topic)
         self.client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
@@ -294,4 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not __main__: agent.ctl_deploy raises agent.ctl's exception classes.
+    from agent.ctl import main as _main
+
+    sys.exit(_main())

@@ -1,11 +1,10 @@
 """On-disk model versions: content-addressed install, atomic activation, rollback and retention.
 
-Layout: ``versions/<sha256>/{model.tflite|model.onnx, manifest.json[, model.yaml]}`` and ``active.json`` =
+Layout: ``versions/<sha256>/{model.tflite|model.onnx, manifest.json[, model.yaml]}``; ``active.json`` =
 ``{"active": sha, "history": [older..., newest-previous], "updated": ts}``. rollback() activates previous()
-and cuts history there: the version rolled back from is *not* pushed (rolling back again goes further back)
-and stays on disk until the next activate() prunes it. An unreadable record (bad JSON, wrong types) makes
-active()/previous() None (warned) and prune() delete nothing; a valid record whose active version is gone
-from disk falls back to the newest installed history entry (warned).
+and cuts history there: the version rolled back from is not pushed (a 2nd rollback goes further back) but
+stays on disk. An unreadable record (bad JSON/types) makes active() None (warned) and prune() a no-op; a
+valid one whose active version is gone from disk falls back to the newest installed history entry.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
 FORMATS = ("tflite", "onnx")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TMP = ".tmp-"  # prefix of everything half-written; the pid after it tells whose it is
@@ -135,8 +133,8 @@ class ModelStore:
     def get(self, sha256: str) -> StoredModel | None:
         """The installed version ``sha256``, or None if absent, malformed or unreadable."""
         directory = self.versions / str(sha256)
-        path = next((p for f in FORMATS if _is_sha(sha256) and (p := directory / f"model.{f}").is_file()), None)
-        if path is None:
+        paths = [directory / f"model.{f}" for f in FORMATS] if _is_sha(sha256) else []
+        if (path := next((p for p in paths if p.is_file()), None)) is None:
             return None
         try:
             manifest = json.loads((directory / "manifest.json").read_text())
@@ -162,11 +160,10 @@ class ModelStore:
         return data["active"], data["history"]
 
     def _state(self) -> tuple[StoredModel | None, list[str]]:
-        """Effective (active, history older-first, distinct and on disk); a vanished active falls back."""
+        """(active, history older-first, distinct, on disk); a vanished active falls back down history."""
         if (rec := self._read()) is None:
             return None, []
         sha, history = rec
-        # The newest occurrence of a sha keeps its place; versions gone from disk can't be rolled back to.
         history = [s for s in dict.fromkeys(reversed(history)) if s != sha and self.get(s)][::-1]
         model = self.get(sha)
         if model is None:
@@ -192,8 +189,7 @@ class ModelStore:
             if self.get(sha256) is None:
                 raise StoreError(f"model store: cannot activate {sha256!r}: not installed in {self.versions}")
             current, history = self._state()
-            history += [current.sha256] if current else []
-            self._write(sha256, [s for s in history if s != sha256])
+            self._write(sha256, [s for s in history + ([current.sha256] if current else []) if s != sha256])
             self.prune()
 
     def active(self) -> StoredModel | None:
@@ -220,30 +216,34 @@ class ModelStore:
         with _LOCK:
             current, history = self._state()
             order = ([current.sha256] if current else []) + history[::-1]
-            rest = sorted((p for p in self.versions.iterdir() if _is_sha(p.name) and p.name not in order),
-                          key=lambda p: p.stat().st_mtime, reverse=True)
-            models = [m for s in order + [p.name for p in rest] if (m := self.get(s))]
+            models = [m for s in order + self._others(order) if (m := self.get(s))]
             return [(m, current is not None and m.sha256 == current.sha256) for m in models]
 
     def prune(self) -> None:
-        """Keep the active version plus the ``keep`` newest history entries; delete other versions."""
+        """Keep the active version, the ``keep`` newest history entries and the ``keep`` newest versions
+        never in history (installed-not-yet-active or rolled back from: one may be about to go live)."""
         with _LOCK:
             self._clean_temps()
             current, history = self._state()
             if current is None:
                 return  # no (trustworthy) record: deleting anything could delete what the daemon wants
-            wanted = set(history[max(0, len(history) - self.keep):]) | {current.sha256}
+            wanted = {current.sha256, *history[max(0, len(history) - self.keep):],
+                      *self._others([current.sha256, *history])[:self.keep]}
             for p in self.versions.iterdir():
                 if _is_sha(p.name) and p.name not in wanted:
                     log.info("model store: pruning old version %s", p.name)
                     shutil.rmtree(p, ignore_errors=True)
 
+    def _others(self, exclude: list[str]) -> list[str]:
+        """Installed shas not in ``exclude``, newest install first."""
+        dirs = [p for p in self.versions.iterdir() if _is_sha(p.name) and p.name not in exclude]
+        return [p.name for p in sorted(dirs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
     def _clean_temps(self) -> None:
         """Remove half-written installs/records left by a crash (never another live process's)."""
         with _LOCK:  # ours are never in flight while we hold the lock; another live pid's may be
-            for p in [*self.root.iterdir(), *self.versions.iterdir()]:
+            for p in [*self.root.glob(f"{_TMP}*"), *self.versions.glob(f"{_TMP}*")]:
                 pid = p.name[len(_TMP):].split("-", 1)[0]
-                if p.name.startswith(_TMP) and (not pid.isdigit() or int(pid) == os.getpid()
-                                                or not Path(f"/proc/{pid}").exists()):
+                if not pid.isdigit() or int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists():
                     with suppress(OSError):
                         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -56,9 +56,16 @@ def make_client(cfg: MqttConfig, client_id: str) -> tuple[paho.Client, Endpoint]
     protocol = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
     if endpoint.tls:
-        ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        try:
+            ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        except OSError as exc:  # missing, unreadable or not PEM (ssl.SSLError is an OSError)
+            raise ValueError(f"mqtt.ca_file: cannot load {cfg.ca_file} ({exc.strerror or exc})") from None
         if cfg.cert_file and cfg.key_file:
-            ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+            try:
+                ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+            except OSError as exc:
+                raise ValueError(f"mqtt.cert_file/key_file: cannot load {cfg.cert_file} with {cfg.key_file} "
+                                 f"({exc.strerror or exc})") from None
         client.tls_set_context(ctx)
     password = read_password(cfg)
     if cfg.username or password:

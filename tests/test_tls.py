@@ -11,16 +11,14 @@ import ipaddress
 import os
 import shutil
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import REPO, Broker, Recorder, agent_config, wait_until
+from conftest import Broker, Recorder, agent_config, free_port, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,7 +46,7 @@ def _name(cn: str) -> x509.Name:
 
 def _cert(subject: str, key, issuer: x509.Certificate | None, issuer_key, *, ca: bool,
           usage=None, sans: tuple[x509.GeneralName, ...] = ()) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder()
          .subject_name(_name(subject))
          .issuer_name(issuer.subject if issuer else _name(subject))
@@ -234,6 +232,7 @@ def test_mutual_tls_client_certificate_is_required_and_accepted(start_broker, tl
     assert bad.proc.poll() is None, bad.log()
     assert rec.json(f"{without_cert['device_id']}/status") == []
     assert "mqtt: connected" not in bad.log()
+    assert good.stop() == 0 and bad.stop() == 0
 
 
 def test_wrong_ca_is_refused_with_a_clear_error(start_broker, tls_recorder, agent_factory, tmp_path, pki):
@@ -298,18 +297,30 @@ def test_password_comes_from_a_file_and_never_appears_in_logs_or_status(start_br
     assert wrong_password not in bad.log()
 
 
-def test_credentials_in_the_url_are_refused(tmp_path):
+def test_credentials_in_the_url_are_refused(agent_factory, tmp_path):
     cfg = agent_config(None, tmp_path, mqtt={"url": "mqtt://user:secret@127.0.0.1:1883"})
-    import yaml
+    agent = agent_factory(cfg).start()
+    assert agent.wait(30) in (1, 2), agent.log()
+    assert "password_file" in agent.log()
+    assert "secret" not in agent.log()
+    assert "Traceback" not in agent.log()
 
-    config = tmp_path / "agent.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "agent.daemon", "--config", str(config)], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
-    out = r.stdout + r.stderr
-    assert r.returncode in (1, 2), out
-    assert "password_file" in out, out
-    assert "secret" not in out
-    assert "Traceback" not in out
-    assert time.monotonic() - t0 < 30
+
+@pytest.mark.parametrize("problem", ["missing ca_file", "ca_file is not a certificate",
+                                     "key does not match the certificate"])
+def test_unusable_tls_files_stop_the_agent_with_a_clear_error(agent_factory, tmp_path, pki, problem):
+    not_pem = tmp_path / "not-a-cert.pem"
+    not_pem.write_text("hello\n")
+    mqtt = {
+        "missing ca_file": {"ca_file": str(tmp_path / "nowhere" / "ca.pem")},
+        "ca_file is not a certificate": {"ca_file": str(not_pem)},
+        "key does not match the certificate": {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+                                               "key_file": str(pki.server_key)},
+    }[problem]
+    cfg = agent_config(None, tmp_path, mqtt={"url": f"mqtts://127.0.0.1:{free_port()}", **mqtt})
+    agent = agent_factory(cfg).start()
+    assert agent.wait(30) == 1, agent.log()
+    assert "Traceback" not in agent.log()
+    line = next(ln for ln in agent.log().splitlines() if "cannot start" in ln)
+    assert ("mqtt.ca_file" if "ca_file" in problem else "mqtt.cert_file/key_file") in line, line
+    assert str(mqtt.get("cert_file") or mqtt["ca_file"]) in line, line

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import io
 import math
 import os
@@ -75,13 +77,11 @@ def human_size(n: int) -> str:
 
 def need(module: str, what: str):
     """Import ``module`` or fail with the install hint."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise BuildError(f"{module.split('.')[0]} is not installed (needed for {what}): {INSTALL_HINT}"
-                         f" ({exc})") from None
+        detail = "" if isinstance(exc, ModuleNotFoundError) and exc.name == module.split(".")[0] else f" ({exc})"
+        raise BuildError(f"{module.split('.')[0]} is not installed (needed for {what}): {INSTALL_HINT}{detail}") from None
 
 
 @contextlib.contextmanager
@@ -316,16 +316,10 @@ def torch_models():
 
 
 def export_onnx(model, shape: tuple[int, ...], path: Path, metadata: dict[str, str] | None = None) -> str:
-    """torch -> ONNX (opset 17, one self-contained file), then a check with onnxruntime."""
+    """torch -> ONNX (opset 17, one self-contained file), checked against torch with onnxruntime."""
     torch = need("torch", "the ONNX models")
     onnx = need("onnx", "the ONNX models")
     np = need("numpy", "the ONNX models")
-    try:
-        import onnxscript  # noqa: F401  (the torch.export-based exporter, torch's default since 2.9)
-
-        dynamo = True
-    except ImportError:
-        dynamo = False  # the legacy TorchScript exporter still works in torch 2.13, with a DeprecationWarning
     torch.manual_seed(0)
     model.eval()
     x = torch.rand(*shape)
@@ -333,17 +327,26 @@ def export_onnx(model, shape: tuple[int, ...], path: Path, metadata: dict[str, s
         expected = model(x).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / path.name
-        with quiet_fds() as logbuf:
-            try:
-                torch.onnx.export(model, (x,), str(out), input_names=["images"], output_names=["output0"],
-                                  opset_version=17, dynamo=dynamo, external_data=False)
-            except Exception as exc:
-                err = exc
-            else:
-                err = None
-        if err is not None:
-            raise BuildError(f"torch.onnx.export failed ({'dynamo' if dynamo else 'legacy'} exporter): {err}\n"
-                             + logbuf.getvalue()[-4000:])
+        # The TorchScript exporter (dynamo=False; deprecated, still in torch 2.13) writes clean opset 17.
+        # The torch.export-based one (the default since torch 2.9, needs onnxscript) targets opset 18 and
+        # its down-conversion to 17 leaves Split nodes with the opset-18 num_outputs attribute, which the
+        # ONNX checker rejects; it is only the fallback here, at opset 18, for a torch without the old one.
+        attempts = [("TorchScript exporter", {"dynamo": False, "opset_version": 17}),
+                    ("torch.export exporter", {"dynamo": True, "opset_version": 18, "external_data": False})]
+        errors = []
+        for how, kwargs in attempts:
+            with quiet_fds() as logbuf:
+                try:
+                    torch.onnx.export(model, (x,), str(out), input_names=["images"], output_names=["output0"],
+                                      **kwargs)
+                except Exception as exc:  # noqa: BLE001 - reported below with the exporter's log
+                    errors.append(f"{how}: {type(exc).__name__}: {exc}\n{logbuf.getvalue()[-2000:]}")
+                    continue
+            break
+        else:
+            hint = "" if importlib.util.find_spec("onnxscript") else " (pip install onnxscript for the second)"
+            raise BuildError("torch.onnx.export failed with both exporters" + hint + ":\n" + "\n".join(errors))
+        how = f"{how}, opset {kwargs['opset_version']}"
         m = onnx.load(str(out))
         if metadata:
             for k, v in metadata.items():
@@ -358,7 +361,7 @@ def export_onnx(model, shape: tuple[int, ...], path: Path, metadata: dict[str, s
     if not diff <= tol:
         raise BuildError(f"{path.name}: onnxruntime differs from torch by {diff} (> {tol})")
     write_atomic(path, data)
-    return f"{'dynamo' if dynamo else 'legacy'} exporter, opset 17; onnxruntime output {list(got.shape)}, max |ort - torch| = {diff:.2e}"
+    return f"{how}; onnxruntime output {list(got.shape)}, max |ort - torch| = {diff:.2e}"
 
 
 def onnx_check(data: bytes, x, want_shape: tuple[int, ...]):
@@ -395,34 +398,33 @@ def build_yolo_onnx(path: Path) -> str:
     return f"{params / 1e6:.2f}M parameters; {note}"
 
 
-def _keras_mobilenet():
-    need("tensorflow", "the TFLite models")
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(0)
-    return tf, tf.keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
-
-
 def _convert(configure: Callable) -> bytes:
-    """Keras MobileNetV2 -> .tflite bytes; ``configure(tf, converter)`` sets the quantisation options."""
+    """Keras MobileNetV2 (random weights) -> .tflite bytes; ``configure(tf, converter)`` sets quantisation.
+
+    Raises Skip, with the reason and the tail of TensorFlow's log, when any step fails.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError as exc:
-        raise Skip(f"tensorflow is not installed: {INSTALL_HINT} ({exc})") from None
-    with quiet_fds() as logbuf:
+    if importlib.util.find_spec("tensorflow") is None:
+        raise Skip(f"tensorflow is not installed: {INSTALL_HINT}")
+    stage = "import tensorflow"
+    with quiet_fds() as logbuf:  # TensorFlow and Keras log a lot, some of it from C++ straight to fd 2
         try:
-            tf, model = _keras_mobilenet()
+            import tensorflow as tf
+
+            stage = "tf.keras.applications.MobileNetV2(weights=None)"
+            tf.keras.utils.set_random_seed(0)
+            model = tf.keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+            stage = f"tf.lite.TFLiteConverter (TensorFlow {tf.__version__}, Keras {tf.keras.__version__})"
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
             configure(tf, converter)
             data = converter.convert()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means "this tooling does not work here"
             err = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         else:
             err = None
     if err is not None:
         tail = "\n".join(logbuf.getvalue().splitlines()[-15:])
-        raise Skip(f"TFLiteConverter failed: {err}\n--- converter log (last lines) ---\n{tail}")
+        raise Skip(f"{stage} failed: {err}\n--- TensorFlow log (last lines) ---\n{tail}")
     return data
 
 
@@ -450,7 +452,8 @@ def tflite_check(data: bytes, want_in: str, want_out_shape: tuple[int, ...]) -> 
         raise BuildError(f"TFLite output shape {y.shape}, expected {want_out_shape}")
     q = inp["quantization"]
     qs = f", input scale/zero point {q[0]:.6g}/{q[1]}" if q[0] else ""
-    return f"interpreter ok: {np.dtype(inp['dtype']).name}{list(inp['shape'])} -> {y.dtype}{list(y.shape)}{qs}"
+    return (f"interpreter ok: {np.dtype(inp['dtype']).name}{[int(d) for d in inp['shape']]} -> "
+            f"{y.dtype}{list(y.shape)}{qs}")
 
 
 def build_mobilenet_tflite_float(path: Path) -> str:
@@ -533,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in TARGETS if args.only in (None, t.group)]
     log(f"building {len(targets)} benchmark models into {out}")
     built, kept, skipped, failed = [], [], [], []
+    missing: dict[str, str] = {}
     t_all = time.perf_counter()
     for i, t in enumerate(targets, 1):
         path, ypath = out / t.filename, out / t.yaml_name
@@ -542,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
                 ypath.write_text(t.manifest)
             log(f"{head}: exists ({human_size(path.stat().st_size)}), kept (--force rebuilds)")
             kept.append(t.filename)
+            continue
+        if t.group in missing:
+            log(f"{head}: FAILED: {missing[t.group]}")
+            failed.append((t.filename, missing[t.group]))
             continue
         log(f"{head}: building ...")
         t0 = time.perf_counter()
@@ -555,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{head}: FAILED after {time.perf_counter() - t0:.1f}s: {exc}")
             failed.append((t.filename, str(exc).splitlines()[0]))
             if "is not installed" in str(exc):
-                break  # every later model needs the same tooling or more
+                missing[t.group] = str(exc)  # the rest of this group needs the same tooling
             continue
         ypath.write_text(t.manifest)
         log(f"{head}: done in {time.perf_counter() - t0:.1f}s, {human_size(path.stat().st_size)} (+ {ypath.name}); {note}")

@@ -1,0 +1,360 @@
+"""Deployments end to end: agent-ctl and the agent as subprocesses, a real mosquitto, real models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MODELS, REPO, Broker, agent_config, wait_until
+from deploy_helpers import (
+    copy_model,
+    ctl,
+    manifest_for,
+    padded_onnx,
+    publish_chunks,
+    publish_manifest,
+    slow_onnx,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+FPS = 15
+
+
+def predictions_keep_flowing(rec, after_seq: int, count: int = 5) -> list[dict]:
+    return rec.wait_json("/predictions", lambda p: p["seq"] > after_seq, count=count, timeout=20)
+
+
+def last_seq(rec) -> int:
+    preds = rec.json("/predictions")
+    return preds[-1]["seq"] if preds else 0
+
+
+def events(rec, did: str) -> list[dict]:
+    return [e for e in rec.json("/events") if e.get("deployment_id") == did]
+
+
+@pytest.fixture
+def device(broker, recorder_factory, agent_factory, tmp_path):
+    """One agent on BlazeFace TFLite at a steady 15 fps, and a recorder of everything it publishes."""
+
+    def make(**overrides):
+        deploy = {"probation_s": 2, "validate_timeout_s": 20, **overrides.pop("deploy", {})}
+        cfg = agent_config(broker, tmp_path, camera={"source": "synthetic", "fps": FPS}, deploy=deploy, **overrides)
+        rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+        agent = agent_factory(cfg).start()
+        rec.wait_json("/predictions", count=3, timeout=30)
+        return cfg, agent, rec
+
+    return make
+
+
+def test_swap_tflite_to_onnx_and_back_drops_no_frame_and_skips_no_seq(device, tmp_path):
+    cfg, agent, rec = device()
+    onnx_model = copy_model(MODELS / "blazeface.onnx", tmp_path / "v2", "blazeface.onnx")
+    r = ctl(agent.config_path, "deploy", str(onnx_model), "--version", "2.0.0", "--timeout", "60")
+    assert r.returncode == 0, r.stderr + agent.log()
+    assert "active" in r.stderr
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "2.0.0", count=10)
+    status = rec.wait_json("/status", lambda s: s["model"]["version"] == "2.0.0")[-1]
+    assert status["backend"] == "onnxruntime" and status["model"]["format"] == "onnx"
+
+    tfl = copy_model(MODELS / "blazeface.tflite", tmp_path / "v3", "blazeface.tflite")
+    r = ctl(agent.config_path, "deploy", str(tfl), "--version", "3.0.0", "--timeout", "60")
+    assert r.returncode == 0, r.stderr + agent.log()
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "3.0.0", count=10)
+
+    preds = rec.json("/predictions")
+    seqs = [p["seq"] for p in preds]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a seq was skipped"
+    versions = [p["model"]["version"] for p in preds]
+    swaps = [i for i in range(1, len(preds)) if versions[i] != versions[i - 1]]
+    assert [versions[i] for i in swaps] == ["2.0.0", "3.0.0"]
+    for i in swaps:
+        window = preds[max(0, i - 5): i + 5]
+        gaps = [b["ts"] - a["ts"] for a, b in zip(window, window[1:], strict=False)]
+        assert max(gaps) < 2 / FPS, f"gap of {max(gaps) * 1000:.0f} ms at the swap"
+    health = rec.wait_json("/health", lambda h: h["model"]["version"] == "3.0.0")[-1]
+    assert health["frames_dropped"] == 0
+
+
+def test_bad_deployments_are_refused_while_the_old_model_keeps_serving(device, tmp_path, broker):
+    cfg, agent, rec = device()
+    work = tmp_path / "bad"
+    good = (MODELS / "blazeface.onnx").read_bytes()
+
+    def refused(model: Path, state: str, reason: str, *flags: str) -> None:
+        before = last_seq(rec)
+        r = ctl(agent.config_path, "deploy", str(model), "--timeout", "60", *flags)
+        assert r.returncode == 1, r.stderr
+        assert f"{state}: " in r.stderr and reason in r.stderr, r.stderr
+        after = predictions_keep_flowing(rec, before)
+        assert all(p["model"]["version"] == "1.0.0" for p in after)
+
+    # Garbage after the first bytes: still looks like ONNX to the format check, but is no model.
+    # (Zeroed weights would still be a valid model: only a golden check made from the good file catches that.)
+    corrupt = bytearray(good[:4]) + bytearray(np.random.default_rng(1).integers(0, 256, len(good) - 4, np.uint8))
+    copy_model(MODELS / "blazeface.onnx", work / "c", "corrupt.onnx")
+    (work / "c" / "corrupt.onnx").write_bytes(bytes(corrupt))
+    refused(work / "c" / "corrupt.onnx", "failed", "", "--no-golden")
+
+    cut = copy_model(MODELS / "blazeface.tflite", work / "t", "cut.tflite")
+    cut.write_bytes((MODELS / "blazeface.tflite").read_bytes()[:60000])
+    refused(cut, "failed", "", "--no-golden")
+
+
+def test_wrong_hash_fails_in_verifying(device, broker, tmp_path, recorder_factory):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "h", "m.onnx")
+    raw, data = manifest_for(model)
+    raw["model"]["sha256"] = "0" * 64
+    sender = recorder_factory(broker, f"edge/{cfg['device_id']}/events")
+    topic = f"edge/{cfg['device_id']}/deploy"
+    publish_manifest(sender.client, topic, raw)
+    sender.wait_json("/events", lambda e: e["deployment_id"] == raw["deployment_id"] and e["state"] == "received")
+    publish_chunks(sender.client, topic, raw, data, range(raw["source"]["chunks"]))
+    ev = sender.wait_json("/events", lambda e: e["deployment_id"] == raw["deployment_id"] and e["state"] == "failed")
+    assert "sha256 mismatch" in ev[0]["error"]
+    predictions_keep_flowing(rec, last_seq(rec))
+
+
+def test_oversized_model_is_rejected_before_a_byte_is_stored(device, tmp_path):
+    cfg, agent, rec = device(deploy={"max_model_mb": 0.1, "probation_s": 2})
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "o", "m.onnx")
+    r = ctl(agent.config_path, "deploy", str(model), "--timeout", "30")
+    assert r.returncode == 1 and "rejected: " in r.stderr and "at most 0.1 MB" in r.stderr
+    assert not list((Path(cfg["state_dir"]) / "staging").glob("*.part"))
+
+
+def test_signatures_are_required_once_keys_are_trusted(broker, recorder_factory, agent_factory, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    assert ctl(REPO / "config" / "agent.yaml", "keygen", "--out", str(keys / "ops")).returncode == 0
+    assert ctl(REPO / "config" / "agent.yaml", "keygen", "--out", str(keys / "intruder")).returncode == 0
+    public = (keys / "ops.pub").read_text().strip()
+    cfg = agent_config(broker, tmp_path, deploy={"trusted_keys": [public], "probation_s": 1})
+    agent = agent_factory(cfg).start()
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+    rec.wait_json("/predictions", count=2, timeout=30)
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "s", "m.onnx")
+
+    r = ctl(agent.config_path, "deploy", str(model), "--timeout", "30")
+    assert r.returncode == 1 and "rejected: unsigned deployment" in r.stderr
+    r = ctl(agent.config_path, "deploy", str(model), "--timeout", "30", "--sign-key", str(keys / "intruder.key"))
+    assert r.returncode == 1 and "rejected: bad signature" in r.stderr
+
+    # signed by the right key, then changed in transit: the signature no longer matches
+    raw, data = manifest_for(model, sign_key=str(keys / "ops.key"))
+    raw["model"]["version"] = "9.9.9"
+    publish_manifest(rec.client, f"edge/{cfg['device_id']}/deploy", raw)
+    ev = rec.wait_json("/events", lambda e: e["deployment_id"] == raw["deployment_id"] and e["state"] == "rejected")
+    assert "bad signature" in ev[0]["error"]
+
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60",
+            "--sign-key", str(keys / "ops.key"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_names_that_could_escape_the_store_are_rejected(device, broker, tmp_path):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "p", "m.onnx")
+    raw, _ = manifest_for(model)
+    topic = f"edge/{cfg['device_id']}/deploy"
+    for field, value in (("deployment_id", "../../etc/cron.d/x"), ("name", "../../../tmp/evil")):
+        bad = json.loads(json.dumps(raw))
+        if field == "name":
+            bad["model"]["name"] = value
+            bad["deployment_id"] = "escape-test-name"
+        else:
+            bad["deployment_id"] = value
+        publish_manifest(rec.client, topic, bad)
+        ev = rec.wait_json("/events", lambda e: e["state"] == "rejected" and "invalid manifest" in (e["error"] or ""),
+                           count=1 if field == "deployment_id" else 2)
+        assert ev
+    assert not any("evil" in str(p) or "cron" in str(p) for p in Path(cfg["state_dir"]).rglob("*"))
+    predictions_keep_flowing(rec, last_seq(rec))
+
+
+@pytest.mark.parametrize("fixture, reason", [("crash.tflite", "crashed"), ("hang.onnx", "did not finish")])
+def test_a_model_that_crashes_or_hangs_its_runtime_kills_the_child_not_the_agent(device, tmp_path, fixture, reason):
+    cfg, agent, rec = device(deploy={"validate_timeout_s": 5, "probation_s": 2})
+    model = copy_model(FIXTURES / fixture, tmp_path / "x", fixture)
+    r = ctl(agent.config_path, "deploy", str(model), "--task", "raw", "--no-golden", "--timeout", "60")
+    assert r.returncode == 1 and "failed: " in r.stderr and reason in r.stderr, r.stderr
+    assert agent.proc.poll() is None
+    predictions_keep_flowing(rec, last_seq(rec))
+
+
+def test_rollback_by_command_restores_the_previous_model(device, tmp_path):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "r", "m.onnx")
+    assert ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0").returncode == 0
+    listed = ctl(agent.config_path, "models")
+    assert listed.returncode == 0 and "* blazeface-short-range 2.0.0" in listed.stdout
+    r = ctl(agent.config_path, "rollback")
+    assert r.returncode == 0 and "rolled back to blazeface-short-range 1.0.0" in r.stdout, r.stderr
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "1.0.0" and p["seq"] > 0, count=3)
+    assert rec.wait_json("/status")[-1]["model"]["version"] == "1.0.0"
+    assert any(e["state"] == "rolled_back" for e in rec.json("/events"))
+    assert "* blazeface-short-range 1.0.0" in ctl(agent.config_path, "models").stdout
+
+
+def test_a_model_much_slower_than_the_last_fails_probation_and_is_rolled_back(device, tmp_path):
+    cfg, agent, rec = device(deploy={"probation_s": 20, "validate_timeout_s": 30})
+    slow = slow_onnx(tmp_path / "slow")
+    r = ctl(agent.config_path, "deploy", str(slow), "--version", "2.0.0-slow", "--timeout", "60")
+    assert r.returncode == 0, r.stderr  # it passes validation: its outputs are right
+    ev = rec.wait_json("/events", lambda e: e["state"] == "rolled_back", timeout=40)[0]
+    assert "over 3x the previous model" in ev["error"]
+    rec.wait_json("/status", lambda s: s["model"]["version"] == "1.0.0" and s["state"] == "online")
+    before = last_seq(rec)
+    assert all(p["model"]["version"] == "1.0.0" for p in predictions_keep_flowing(rec, before + 2))
+
+
+def test_a_device_that_connects_later_picks_up_the_retained_manifest(broker, recorder_factory, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path, deploy={"probation_s": 1})
+    agent = agent_factory(cfg)
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "late", "m.onnx")
+    deploying = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--config", str(agent.config_path), "deploy",
+                                  str(model), "--version", "2.0.0", "--timeout", "90"],
+                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # the device is off while the manifest is published
+    agent.start()
+    out, err = deploying.communicate(timeout=120)
+    assert deploying.returncode == 0, err + agent.log()
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/predictions")
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "2.0.0")
+    # restarting the device does not apply the same retained deployment again
+    agent.stop()
+    agent.start()
+    time.sleep(4)
+    assert agent.log().count("deployment blazeface-short-range-2.0.0") and "already active" not in agent.log()
+    applied = [line for line in agent.log().splitlines() if ": activating" in line]
+    assert len(applied) == 1, applied
+
+
+def test_group_deployment_reaches_every_member(broker, recorder_factory, agent_factory, tmp_path):
+    agents = []
+    for i in range(3):
+        cfg = agent_config(broker, tmp_path, groups=["lobby"], device_id=f"lobby-{i}", deploy={"probation_s": 1},
+                           state_dir=str(tmp_path / f"state-{i}"), camera={"source": "synthetic", "fps": 5})
+        agents.append(agent_factory(cfg, name=f"a{i}").start())
+    outsider = agent_config(broker, tmp_path, device_id="garage", state_dir=str(tmp_path / "state-g"),
+                            camera={"source": "synthetic", "fps": 5})
+    agent_factory(outsider, name="g").start()
+    rec = recorder_factory(broker, "edge/+/status")
+    wait_until(lambda: {s["device_id"] for s in rec.json("/status") if s["state"] == "online"} >=
+               {"lobby-0", "lobby-1", "lobby-2", "garage"}, 40, what="all devices online")
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "g", "m.onnx")
+    r = ctl(agents[0].config_path, "deploy", str(model), "--group", "lobby", "--version", "2.0.0", "--timeout", "90")
+    assert r.returncode == 0, r.stderr
+    assert "active on 3 device(s)" in r.stderr
+    latest = {}
+    for s in rec.json("/status"):
+        latest[s["device_id"]] = s
+    assert all(latest[f"lobby-{i}"]["model"]["version"] == "2.0.0" for i in range(3))
+    assert latest["garage"]["model"]["version"] == "1.0.0"
+
+
+def _resume_setup(broker, recorder_factory, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path, deploy={"probation_s": 1, "download_timeout_s": 120})
+    agent = agent_factory(cfg).start()
+    sender = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+    sender.wait_json("/status", lambda s: s["state"] == "online", timeout=30)
+    model = padded_onnx(tmp_path / "big", 3.0)
+    raw, data = manifest_for(model, version="2.0.0", no_golden=True)
+    n = raw["source"]["chunks"]
+    topic = f"edge/{cfg['device_id']}/deploy"
+    did = raw["deployment_id"]
+    publish_manifest(sender.client, topic, raw)
+    sender.wait_json("/events", lambda e: e["deployment_id"] == did and e["state"] == "received")
+    first_half = range(n // 2)
+    publish_chunks(sender.client, topic, raw, data, first_half)
+    have = Path(cfg["state_dir"]) / "staging" / f"{did}.have"
+    wait_until(lambda: have.exists() and sum(have.read_bytes()) == len(first_half), 20, what="half the chunks on disk")
+    return cfg, agent, sender, raw, data, topic
+
+
+def _serve_needs_until_active(sender, raw, data, topic, timeout=60) -> list[list[int]]:
+    did = raw["deployment_id"]
+    served: list[list[int]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        evs = events(sender, did)
+        if any(e["state"] == "active" for e in evs):
+            return served
+        assert not any(e["state"] in ("failed", "rejected") for e in evs), evs
+        needs = [e["need"] for e in evs if e.get("need")]
+        if len(needs) > len(served):
+            for need in needs[len(served):]:
+                served.append(need)
+                publish_chunks(sender.client, topic, raw, data, need)
+        time.sleep(0.2)
+    raise AssertionError(f"not active after {timeout} s: {events(sender, did)[-3:]}")
+
+
+def test_a_transfer_interrupted_by_an_agent_restart_resumes_where_it_stopped(broker, recorder_factory, agent_factory,
+                                                                           tmp_path):
+    cfg, agent, sender, raw, data, topic = _resume_setup(broker, recorder_factory, agent_factory, tmp_path)
+    n = raw["source"]["chunks"]
+    agent.signal(signal.SIGKILL)
+    agent.wait(5)
+    agent.start()  # picks up the retained manifest again, finds half the chunks on disk
+    served = _serve_needs_until_active(sender, raw, data, topic)
+    assert served and min(served[0]) >= n // 2, f"asked again for chunks it had: {served[0][:5]}"
+    resumed = [e for e in events(sender, raw["deployment_id"]) if e["state"] == "received"]
+    assert resumed[-1]["resumed"] is True
+    sender.wait_json("/predictions", lambda p: p["model"]["version"] == "2.0.0")
+
+
+def test_a_transfer_interrupted_by_a_broker_restart_resumes_and_completes(broker, recorder_factory, agent_factory,
+                                                                        tmp_path):
+    cfg, agent, sender, raw, data, topic = _resume_setup(broker, recorder_factory, agent_factory, tmp_path)
+    n = raw["source"]["chunks"]
+    broker.stop()
+    time.sleep(2)
+    broker.start()
+    served = _serve_needs_until_active(sender, raw, data, topic)
+    assert served and min(served[0]) >= n // 2
+    sender.wait_json("/predictions", lambda p: p["model"]["version"] == "2.0.0", timeout=30)
+
+
+def test_url_source_downloads_with_the_same_checks(device, tmp_path):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "u", "m.onnx")
+    served = tmp_path / "www" / "m.onnx"
+    served.parent.mkdir()
+    shutil.copyfile(model, served)
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--url", f"file://{served}")
+    assert r.returncode == 0, r.stderr
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "2.0.0")
+
+
+def test_deploy_with_bad_input_exits_2(tmp_path):
+    cfgfile = REPO / "config" / "agent.yaml"
+    r = ctl(cfgfile, "deploy", str(tmp_path / "missing.tflite"))
+    assert r.returncode == 2 and "model file not found" in r.stderr
+    junk = tmp_path / "model.tflite"
+    junk.write_bytes(b"GIF89a not a model at all")
+    r = ctl(cfgfile, "deploy", str(junk))
+    assert r.returncode == 2 and "not a TFLite" in r.stderr and "Traceback" not in r.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copyfile(MODELS / "blazeface.onnx", bare / "x.onnx")
+    r = ctl(cfgfile, "deploy", str(bare / "x.onnx"))
+    assert r.returncode == 2 and "no task" in r.stderr
+
+
+def test_an_offline_device_times_out_with_exit_1_and_says_why(broker, tmp_path):
+    cfgfile = tmp_path / "ctl.yaml"
+    cfgfile.write_text(f"device_id: nobody-home\nmqtt:\n  url: {broker.url}\n")
+    r = ctl(cfgfile, "deploy", str(MODELS / "blazeface.onnx"), "--timeout", "3", "--no-golden")
+    assert r.returncode == 1 and "no answer within 3 s" in r.stderr
+
+
