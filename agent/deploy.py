@@ -38,6 +38,8 @@ from agent.transfer import ChunkReceiver, TransferError, download_url
 from agent.validate import ValidationFailed, validate_in_child
 
 log = logging.getLogger(__name__)
+PROBATION_MIN_FRAMES = 30
+PROBATION_MIN_EXTRA_MS = 5.0
 
 # Transitions a deployment may take; anything else is a bug.
 NEXT = {
@@ -206,8 +208,8 @@ class Deployer:
             raise ManifestRejected(f"model is {spec.size / 2**20:.1f} MB; this device accepts at most "
                                    f"{self.cfg.deploy.max_model_mb:g} MB (deploy.max_model_mb)")
         check_signature(raw, self.trusted)
-        active = self.store.active()
-        if active is not None and active.sha256 == spec.sha256 or self.current_model().info.sha256 == spec.sha256:
+        running = self.current_model().info
+        if running.sha256 == spec.sha256 and (running.name, running.version) == (spec.name, spec.version):
             self._event(did, "active", progress=1.0, note="this model is already running")
             return
         installed = self.store.get(spec.sha256)
@@ -235,8 +237,10 @@ class Deployer:
             workdir.rmdir()
         self._event(did, "activating")
         self._ensure_baseline()
-        stored = installed or self.store.install(staged, spec.sha256, spec.format, _stored_manifest(m, raw),
-                                                 model_yaml(m))
+        if installed is not None:  # same bytes, maybe new name, version, labels or preprocessing
+            stored = self.store.relabel(spec.sha256, _stored_manifest(m, raw), model_yaml(m))
+        else:
+            stored = self.store.install(staged, spec.sha256, spec.format, _stored_manifest(m, raw), model_yaml(m))
         self._activate(did, stored)
 
     def _download(self, did: str, m: DeploymentManifest) -> Path:
@@ -339,10 +343,11 @@ class Deployer:
         reason = None
         if errors >= 3:
             reason = f"{errors} inference errors during probation (last: {stats.last_error})"
-        elif p.baseline_p95 and n_new >= 20:
+        elif p.baseline_p95 and n_new >= PROBATION_MIN_FRAMES:
             recent = list(stats.inference_ms)[-min(n_new, len(stats.inference_ms)):]
             p95 = _p95(recent)
-            if p95 and p95 > 3 * p.baseline_p95:
+            # 3x, and a few ms more: on a loaded machine a 2 ms model can briefly read 6 ms.
+            if p95 and p95 > 3 * p.baseline_p95 and p95 > p.baseline_p95 + PROBATION_MIN_EXTRA_MS:
                 reason = f"inference p95 {p95:.1f} ms is over 3x the previous model's {p.baseline_p95:.1f} ms"
         if reason:
             self._rollback(p.deployment_id, reason)

@@ -130,6 +130,26 @@ class ModelStore:
             staged.unlink(missing_ok=True)
             return StoredModel(sha256, final / target.name, json.loads(body), final)
 
+    def relabel(self, sha256: str, manifest: dict, model_yaml: str | None = None) -> StoredModel:
+        """Replace an installed version's manifest and model.yaml (same bytes deployed under a new name or version)."""
+        existing = self.get(sha256)
+        if existing is None:
+            raise StoreError(f"model store: {sha256[:12]}… is not installed")
+        with _LOCK:
+            for name, data in (("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode()),
+                               ("model.yaml", model_yaml.encode() if model_yaml is not None else None)):
+                if data is None:
+                    continue
+                tmp = existing.directory / f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}"
+                try:
+                    _write_file(tmp, data)
+                    os.replace(tmp, existing.directory / name)
+                except OSError as e:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise StoreError(f"model store: cannot update {existing.directory / name}: {e}") from e
+            _fsync(existing.directory)
+        return self.get(sha256)  # type: ignore[return-value]
+
     def get(self, sha256: str) -> StoredModel | None:
         """The installed version ``sha256``, or None if absent, malformed or unreadable."""
         directory = self.versions / str(sha256)

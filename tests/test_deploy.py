@@ -56,7 +56,7 @@ def device(broker, recorder_factory, agent_factory, tmp_path):
 
 
 def test_swap_tflite_to_onnx_and_back_drops_no_frame_and_skips_no_seq(device, tmp_path):
-    cfg, agent, rec = device()
+    cfg, agent, rec = device(deploy={"probation_s": 0})  # this test is about the swap, not probation
     onnx_model = copy_model(MODELS / "blazeface.onnx", tmp_path / "v2", "blazeface.onnx")
     r = ctl(agent.config_path, "deploy", str(onnx_model), "--version", "2.0.0", "--timeout", "60")
     assert r.returncode == 0, r.stderr + agent.log()

@@ -423,8 +423,8 @@ def _convert(configure: Callable) -> bytes:
         else:
             err = None
     if err is not None:
-        tail = "\n".join(logbuf.getvalue().splitlines()[-15:])
-        raise Skip(f"{stage} failed: {err}\n--- TensorFlow log (last lines) ---\n{tail}")
+        tail = "\n".join(line for line in logbuf.getvalue().splitlines()[-15:] if line.strip())
+        raise Skip(f"{stage} failed: {err}" + (f"\n--- TensorFlow log (last lines) ---\n{tail}" if tail else ""))
     return data
 
 
