@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from conftest import MODELS, REPO
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 
 def ctl(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

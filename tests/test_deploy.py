@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS, REPO, Broker, agent_config, wait_until
+from conftest import MODELS, REPO, agent_config, wait_until
 from deploy_helpers import (
     copy_model,
     ctl,
