@@ -47,6 +47,13 @@ class MqttConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.password:
+            # Never echo it back: the error would carry the secret into logs.
+            raise ValueError("credentials in the URL are not accepted: put the password in mqtt.password_file "
+                             "(or $EDGE_AGENT_MQTT_PASSWORD) and the user in mqtt.username")
         if not v.startswith(("mqtt://", "mqtts://")):
             raise ValueError(f"expected mqtt://host:port or mqtts://host:port, got {v!r}")
         return v
@@ -212,6 +219,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind in _EXPECTED:
         return f"{loc}: {_EXPECTED[kind]}, got {got!r}"
     msg = err["msg"].removeprefix("Value error, ")
+    if "credentials in the URL" in msg:
+        return f"{loc}: {msg}"
     return f"{loc}: {msg}" + ("" if repr(got) in msg or isinstance(got, dict) else f", got {got!r}")
 
 

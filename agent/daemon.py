@@ -260,7 +260,9 @@ class Agent:
     def _status_line(self) -> str:
         h = self.pipeline.stats
         return (f"model {self.model.info.name} {self.model.info.version} on {self.model.session.info.backend}/"
-                f"{self.model.session.info.accelerator}; broker {self.link.state}; {h.processed} frames")
+                f"{self.model.session.info.accelerator}; broker {self.link.state}"
+                + (f" ({self.link.last_error})" if self.link.last_error and not self.link.connected else "")
+                + f"; {h.processed} frames")
 
     def _publish_health(self) -> None:
         health = self.health.sample(pipeline=self.pipeline, capture=self.capture, slot=self.slot, mqtt=self.link,

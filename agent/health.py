@@ -94,7 +94,7 @@ class HealthSampler:
             inference_errors=stats.errors,
             camera={"state": capture.state, "source": capture.source.name, "reopens": capture.reopens,
                     "error": capture.last_error},
-            mqtt={"state": mqtt.state, "sent": mqtt.sent, "unsent": mqtt.unsent},
+            mqtt={"state": mqtt.state, "sent": mqtt.sent, "unsent": mqtt.unsent, "error": mqtt.last_error},
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
             temperature_c=probe.read_temperatures(self.root),

@@ -124,6 +124,7 @@ class MqttLink:
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 2.0) -> None:
         """Publish ``final`` (e.g. the offline status) if connected, then disconnect cleanly."""
+        self._stopping = True
         if final is not None and self.connected:
             info = self.client.publish(final[0], final[1], qos=1, retain=True)
             try:
@@ -158,10 +159,15 @@ class MqttLink:
         was = self._connected.is_set()
         self._connected.clear()
         self.state = "disconnected"
+        if getattr(self, "_stopping", False):
+            return
         if was:
             log.warning("mqtt: disconnected from %s (%s); reconnecting", self.endpoint, reason_code)
         elif self._socket_error:  # dropped before CONNACK, e.g. the broker rejected our TLS client certificate
-            self._connect_failed(self._socket_error)
+            hint = ""
+            if self.endpoint.tls and self.cfg.cert_file is None:  # the alert can arrive as a bare EOF
+                hint = " (if the broker requires client certificates, set mqtt.cert_file and mqtt.key_file)"
+            self._connect_failed(self._socket_error + hint)
         self._socket_error = None
 
     def _handle_connect_fail(self, client, userdata) -> None:

@@ -125,3 +125,9 @@ def test_config_check_catches_a_model_path_that_does_not_exist(tmp_path: Path):
     f.write_text("model:\n  path: /nonexistent/model.tflite\n")
     r = _run("agent.ctl", "config", "check", str(f))
     assert r.returncode == 2 and "model.path: file not found: /nonexistent/model.tflite" in r.stderr
+
+
+def test_credentials_in_the_broker_url_are_refused_without_echoing_them():
+    lines = problems({"mqtt": {"url": "mqtts://cam:hunter2@broker:8883"}})
+    assert len(lines) == 1 and lines[0].startswith("mqtt.url: credentials in the URL are not accepted")
+    assert "hunter2" not in lines[0]

@@ -223,12 +223,12 @@ def test_mutual_tls_client_certificate_is_required_and_accepted(start_broker, tl
     rec.wait_json(f"{with_cert['device_id']}/status", lambda m: m["state"] == "online", timeout=20)
     rec.wait_json(f"{with_cert['device_id']}/predictions", timeout=10)
 
-    # The broker ends the handshake ("certificate required"); the agent says so, once, and keeps trying.
+    # The broker ends the TLS session before CONNACK; the agent says so, names the fix, and keeps trying.
+    # (The broker's "certificate required" alert usually reaches us, but may arrive as a bare EOF.)
     failures = wait_until(lambda: connect_failures(bad), 15, what="the agent without a certificate to say why")
     assert f"mqtts://127.0.0.1:{broker.port}" in failures[0]
-    assert "certificate required" in failures[0], failures
+    assert "mqtt.cert_file" in failures[0], failures
     wait_until(lambda: broker.log().count("peer did not return a certificate") >= 2, 10, what="a retry")
-    assert len(connect_failures(bad)) == 1, bad.log()
     assert bad.proc.poll() is None, bad.log()
     assert rec.json(f"{without_cert['device_id']}/status") == []
     assert "mqtt: connected" not in bad.log()

@@ -13,6 +13,7 @@ Needs numpy, onnxruntime and ai-edge-litert: the project's own venv has them, an
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         p for p in args.dir.glob("*") if p.suffix in (".onnx", ".tflite"))
     if not paths:
         sys.exit(f"error: no .onnx or .tflite files in {args.dir}; run scripts/bench/make_models.py first")
+    print(f"threads={args.threads}, {args.rounds} x {args.seconds:g}s per model, median round; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other load skews the numbers)")
     print(f"{'model':32} {'runtime':14} {'inf/s':>7} {'ms/inf':>7}  rounds (inf/s)")
     for path in paths:
         if path.suffix == ".onnx":
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(rates)
         print(f"{path.name:32} {runtime:14} {med:7.1f} {1e3 / med:7.1f}  {', '.join(f'{r:.1f}' for r in rates)}",
               flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -315,6 +315,11 @@ def torch_models():
 # builders: each writes its model file (and returns a short note for the log)
 
 
+def seed_torch() -> None:
+    """Same random weights every build, so a rebuilt model file is byte-identical."""
+    need("torch", "the ONNX models").manual_seed(0)
+
+
 def export_onnx(model, shape: tuple[int, ...], path: Path, metadata: dict[str, str] | None = None) -> str:
     """torch -> ONNX (opset 17, one self-contained file), checked against torch with onnxruntime."""
     torch = need("torch", "the ONNX models")
@@ -378,11 +383,13 @@ def onnx_check(data: bytes, x, want_shape: tuple[int, ...]):
 
 def build_mobilenet_onnx(path: Path) -> str:
     MobileNetV2, _ = torch_models()
+    seed_torch()
     return export_onnx(MobileNetV2(), (1, 3, 224, 224), path)
 
 
 def build_yolo_onnx(path: Path) -> str:
     _, YOLOv8 = torch_models()
+    seed_torch()
     model = YOLOv8()
     params = sum(p.numel() for p in model.parameters())
     meta = {
