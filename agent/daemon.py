@@ -19,11 +19,13 @@ import paho.mqtt.client as paho
 from agent import __version__, probe
 from agent.camera import Capture, FrameSlot, make_source
 from agent.config import AgentConfig, ConfigError, default_config_path, load_config
+from agent.delivery import DurableSender
 from agent.deploy import Deployer
 from agent.health import HealthSampler
 from agent.model import LoadedModel, ManifestError, load_model
 from agent.modelstore import ModelStore
 from agent.mqtt import MqttLink
+from agent.outbox import Outbox, OutboxError
 from agent.pipeline import Pipeline, Prediction
 from agent.runtimes import ModelLoadError, RuntimeUnavailable
 from agent.systemd import Notifier, setup_logging
@@ -40,8 +42,9 @@ def dumps(obj: dict) -> bytes:
 class PredictionPublisher:
     """JSON-encodes and publishes predictions on its own thread, off the frame loop."""
 
-    def __init__(self, link: MqttLink, topic: str, qos: int, maxsize: int = 256):
+    def __init__(self, link: MqttLink, topic: str, qos: int, maxsize: int = 256, durable=None):
         self.link, self.topic, self.qos = link, topic, qos
+        self.durable = durable
         self.dropped = 0
         self._q: queue.Queue[Prediction | None] = queue.Queue(maxsize)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
@@ -67,7 +70,11 @@ class PredictionPublisher:
     def _run(self) -> None:
         while (pred := self._q.get()) is not None:
             try:
-                self.link.publish(self.topic, dumps(pred.to_json()), qos=self.qos)
+                payload = dumps(pred.to_json())
+                if self.qos and self.durable is not None:
+                    self.durable.submit(self.topic, payload, qos=self.qos)
+                else:
+                    self.link.publish(self.topic, payload, qos=self.qos)
             except Exception:  # noqa: BLE001
                 log.exception("publishing a prediction failed")
 
@@ -93,9 +100,11 @@ class Agent:
             on_connect=self.publish_status, on_message=self.on_message,
         )
         self.link.client.max_queued_messages_set(1000)
-        self.publisher = PredictionPublisher(self.link, self.topics.predictions, cfg.mqtt.predictions_qos)
+        self.durable = DurableSender(self.link, self._open_outbox(cfg), rate=cfg.mqtt.outbox_rate)
+        self.publisher = PredictionPublisher(self.link, self.topics.predictions, cfg.mqtt.predictions_qos,
+                                             durable=self.durable)
         self.pipeline = Pipeline(self.slot, self.model, self.publisher.submit)
-        self.deployer = Deployer(cfg, topics=self.topics, publish=self.link.publish, store=self.store,
+        self.deployer = Deployer(cfg, topics=self.topics, publish=self._publish_event, store=self.store,
                                  load=lambda path: self._load(path), activate=self._swap,
                                  pipeline_stats=self.pipeline.stats, current_model=lambda: self.model)
         self.link.subscriptions = ((self.topics.cmd, 1), *self.deployer.subscriptions())
@@ -104,6 +113,17 @@ class Agent:
         self._reload = threading.Event()
 
     # -- building -------------------------------------------------------------------------------
+    def _open_outbox(self, cfg: AgentConfig) -> Outbox | None:
+        try:
+            return Outbox(cfg.state_dir / "outbox.db", max_mb=cfg.mqtt.outbox_max_mb)
+        except (OutboxError, OSError) as exc:
+            log.error("no durable outbox (%s): QoS 1 messages are kept in memory only", exc)
+            return None
+
+    def _publish_event(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        self.durable.submit(topic, payload, qos=qos, retain=retain)
+        return True
+
     def _initial_model(self) -> LoadedModel:
         """The last model activated in the store; the configured one when the store is empty or unusable."""
         stored = self.store.active()
@@ -227,6 +247,7 @@ class Agent:
     # -- running --------------------------------------------------------------------------------
     def run(self) -> int:
         self.capture.start()
+        self.durable.start()
         self.deployer.start()
         self.link.start()
         self.publisher.start()
@@ -266,8 +287,10 @@ class Agent:
 
     def _publish_health(self) -> None:
         health = self.health.sample(pipeline=self.pipeline, capture=self.capture, slot=self.slot, mqtt=self.link,
-                                    model_info=self.model.info)
-        self.link.publish(self.topics.health, dumps(health.to_json()), qos=1, retain=True)
+                                    model_info=self.model.info, outbox_depth=self.durable.depth)
+        health.outbox = {"depth": health.outbox_depth, "dropped": self.durable.dropped,
+                         "error": self.durable.last_error, "predictions_dropped": self.publisher.dropped}
+        self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True)
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 
     def reload(self) -> None:
@@ -301,6 +324,7 @@ class Agent:
         self.deployer.stop()
         self.pipeline.stop()
         self.publisher.stop()
+        self.durable.stop()
         self.link.stop(final=(self.topics.status, dumps({**self.status_payload("offline")})))
         self.model.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)

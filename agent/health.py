@@ -34,6 +34,7 @@ class Health:
     disk_free_mb: float | None
     outbox_depth: int
     model: dict
+    outbox: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

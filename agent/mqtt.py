@@ -100,6 +100,8 @@ class MqttLink:
         self.client.on_message = self._handle_message
         self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_log = self._handle_log
+        self.client.on_publish = self._handle_publish
+        self.publish_listener: Callable[[int], None] | None = None  # the outbox hears PUBACKs here
 
     @property
     def connected(self) -> bool:
@@ -154,6 +156,10 @@ class MqttLink:
                 self._on_connect()
             except Exception:  # noqa: BLE001
                 log.exception("on_connect handler failed")
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if self.publish_listener is not None:
+            self.publish_listener(mid)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected.is_set()

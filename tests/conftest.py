@@ -50,7 +50,8 @@ def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.0
 class Broker:
     """A mosquitto of our own, on a port of our own, that a test can stop and start again."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = ""):
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", persist: bool = False):
+        self.persist = persist
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.workdir = workdir
@@ -63,7 +64,12 @@ class Broker:
 
     def start(self) -> None:
         conf = self.workdir / f"mosquitto-{self.port}.conf"
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+        store = self.workdir / f"mosquitto-{self.port}-db"
+        store.mkdir(exist_ok=True)
+        persistence = (f"persistence true\npersistence_location {store}/\nautosave_interval 1\n"
+                       if self.persist else "persistence false\n")
+        user = "user root\n" if os.geteuid() == 0 else ""  # as root mosquitto drops to a user that can't read tmp
+        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}{user}"
                         f"{self.extra_conf}")
         log = open(self.workdir / f"mosquitto-{self.port}.log", "ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from conftest import MODELS, REPO
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 def ctl(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -86,3 +86,42 @@ def publish_chunks(client, base: str, raw: dict, data: bytes, indices) -> None:
     size = raw["source"]["chunk_size"]
     for i in indices:
         client.publish(f"{base}/{raw['deployment_id']}/chunk/{i}", data[i * size:(i + 1) * size], qos=1)
+
+
+def hang_on_bright_onnx(dest_dir: Path) -> Path:
+    """A raw-task model that answers at once on a dark frame and runs for hours on a bright one.
+
+    Its Loop's trip count is max(input) * 1e9: warm-up on zeros passes, the first bright frame hangs
+    the runtime for real, the way a bad model or driver can on a device.
+    """
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["input"], ["mx"], keepdims=0),
+        helper.make_node("Mul", ["mx", "big"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trips", "true", "zero"], ["output"], body=body),
+    ]
+    graph = helper.make_graph(nodes, "hang_on_bright", [x], [y], [
+        numpy_helper.from_array(np.array(1e9, np.float32), "big"),
+        numpy_helper.from_array(np.array(True), "true"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+    ])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest_dir / "hang.onnx"))
+    (dest_dir / "model.yaml").write_text("name: hang-on-bright\nversion: '1'\ntask: raw\n")
+    return dest_dir / "hang.onnx"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import shutil
 import subprocess
 import threading
@@ -115,8 +114,6 @@ class TlsBroker(Broker):
         conf = f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
         if require_certificate:
             conf += "require_certificate true\n"
-        if os.geteuid() == 0:  # as root, mosquitto drops to user "mosquitto", who cannot read pytest's tmp dirs
-            conf += "user root\n"
         super().__init__(workdir, extra_conf=conf + extra_conf)
 
     @property

@@ -1,0 +1,128 @@
+"""Store-and-forward for QoS ≥ 1 streams: on disk first, removed only when the broker acknowledges.
+
+paho keeps QoS 1 messages in memory only (lost on restart). Here every such message is written to
+the sqlite outbox, published while the link is up with a bounded window, and deleted on PUBACK.
+After a reconnect paho resends what was in flight (same mid); after a restart everything still in
+the outbox is sent again, so a crash can duplicate (boot_id + seq tell them apart), never lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from agent.mqtt import MqttLink
+from agent.outbox import Outbox, OutboxError
+
+log = logging.getLogger(__name__)
+
+
+class DurableSender:
+    """Drains the outbox into the broker link on its own thread, at most ``rate`` messages/s."""
+
+    def __init__(self, link: MqttLink, outbox: Outbox | None, *, rate: float = 200.0, window: int = 64):
+        self.link, self.outbox = link, outbox
+        self.rate, self.window = rate, window
+        self.errors = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
+        self._early: set[int] = set()  # PUBACKs that beat the bookkeeping
+        self._after_id = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        link.publish_listener = self._on_puback
+
+    @property
+    def depth(self) -> int:
+        return self.outbox.depth() if self.outbox else 0
+
+    @property
+    def dropped(self) -> int:
+        return self.outbox.dropped if self.outbox else 0
+
+    def start(self) -> None:
+        if self.outbox is not None:
+            self._thread.start()
+
+    def stop(self, flush_s: float = 1.0) -> None:
+        """Give in-flight messages a moment to be acknowledged, then stop (the rest stays on disk)."""
+        deadline = time.monotonic() + flush_s
+        while self.outbox is not None and self.link.connected and self.depth and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+
+    def submit(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Keep ``payload`` until the broker has it; on a full or broken disk, fall back to memory."""
+        if self.outbox is not None:
+            try:
+                self.outbox.put(topic, payload, qos=qos, retain=retain)
+                self._wake.set()
+                return
+            except OutboxError as exc:
+                self.errors += 1
+                if self.errors == 1 or self.errors % 100 == 0 or str(exc) != self.last_error:
+                    log.error("%s; sending from memory only (%d such errors)", exc, self.errors)
+                self.last_error = str(exc)
+        self.link.publish(topic, payload, qos=qos, retain=retain)
+
+    def _on_puback(self, mid: int) -> None:
+        with self._lock:
+            oid = self._inflight.pop(mid, None)
+            if oid is None:
+                self._early.add(mid)
+                return
+        self._ack(oid)
+
+    def _ack(self, oid: int) -> None:
+        try:
+            self.outbox.ack(oid)  # type: ignore[union-attr]
+        except OutboxError as exc:  # disk full: the row stays and is sent again later (at least once)
+            self.last_error = str(exc)
+
+    def _run(self) -> None:
+        assert self.outbox is not None
+        tokens, last = float(self.window), time.monotonic()
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            if not self.link.connected:
+                continue
+            with self._lock:
+                room = self.window - len(self._inflight)
+            if room <= 0:
+                continue
+            try:
+                batch = self.outbox.peek(limit=room, after_id=self._after_id)
+            except OutboxError as exc:
+                self.last_error = str(exc)
+                continue
+            for msg in batch:
+                now = time.monotonic()
+                tokens = min(float(self.window), tokens + (now - last) * self.rate)
+                last = now
+                if tokens < 1:  # a backlog goes out at `rate`, so a thin uplink is not swamped
+                    self._stop.wait((1 - tokens) / self.rate)
+                    tokens = 1.0
+                if not self.link.connected or self._stop.is_set():
+                    break
+                info = self.link.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                tokens -= 1
+                self._after_id = msg.id
+                with self._lock:
+                    if info.mid in self._early:
+                        self._early.discard(info.mid)
+                        early = True
+                    else:
+                        self._inflight[info.mid] = msg.id
+                        early = False
+                if early:
+                    self._ack(msg.id)
+            if batch:
+                self._wake.set()  # more may be waiting
