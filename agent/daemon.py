@@ -202,8 +202,14 @@ class Agent:
             req = json.loads(msg.payload)
             if not isinstance(req, dict):
                 raise ValueError("command must be a JSON object")
-            request_id = req.get("request_id")
+            rid = req.get("request_id")
+            if rid is not None and not (isinstance(rid, str) and len(rid) <= 128
+                                        or isinstance(rid, int) and not isinstance(rid, bool)):
+                raise ValueError("request_id must be a string of at most 128 characters or an integer")
+            request_id = rid
             command = req.get("command")
+            if not isinstance(command, str):
+                raise ValueError("command must be a string: rollback, models, snapshot, reload or status")
             if command in ("rollback", "models"):
                 rid = request_id
                 self.deployer.request(command, lambda result: self._respond({"request_id": rid, **result}))
@@ -216,7 +222,7 @@ class Agent:
             elif command == "snapshot":
                 result = self._snapshot()
             else:
-                raise ValueError(f"unknown command {command!r}; expected one of: rollback, models, snapshot, "
+                raise ValueError(f"unknown command {command[:40]!r}; expected one of: rollback, models, snapshot, "
                                  "reload, status")
             response = {"request_id": request_id, "ok": True, "error": None, **result}
         except (ValueError, UnicodeDecodeError) as exc:

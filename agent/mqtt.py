@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttConfig
 
@@ -149,7 +150,12 @@ class MqttLink:
         self.last_error = None
         log.info("mqtt: connected to %s", self.endpoint)
         for topic, qos in self.subscriptions:
-            client.subscribe(topic, qos)
+            if self.cfg.protocol == "5":
+                # Retain-as-published: a retained command keeps its flag even for a live subscriber,
+                # so it is recognised (and ignored) at once, not only after a reconnect.
+                client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+            else:
+                client.subscribe(topic, qos)
         self._connected.set()
         if self._on_connect:
             try:

@@ -6,7 +6,9 @@
 For every .onnx (onnxruntime, CPUExecutionProvider, intra_op_num_threads=--threads) and .tflite
 (ai_edge_litert, falling back to tflite_runtime / tensorflow.lite, num_threads=--threads) in --dir:
 one input tensor is made once, then the model is run back to back for --seconds, --rounds times
-(after a short warm-up); the median round is reported as inferences/s and ms per inference.
+(after a short warm-up); the median round is reported as inferences/s and ms per inference. Each
+round also shows how many CPUs other processes kept busy meanwhile (from /proc/stat): on a shared
+machine, rounds with that well above 0 are slowed by them and should be rerun.
 Needs numpy, onnxruntime and ai-edge-litert: the project's own venv has them, and so does the bench venv.
 """
 
@@ -58,13 +60,25 @@ def tflite_runner(path: Path, threads: int) -> Callable[[], object]:
     return interp.invoke
 
 
-def measure(run: Callable[[], object], seconds: float, rounds: int) -> list[float]:
-    """Inferences per second in each round of ``seconds`` of back-to-back runs."""
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all CPUs have spent busy since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(run: Callable[[], object], seconds: float, rounds: int) -> list[tuple[float, float | None]]:
+    """(inferences per second, CPUs kept busy by other processes) for each round of back-to-back runs."""
     warm_until = time.perf_counter() + min(1.0, seconds)
     while time.perf_counter() < warm_until:
         run()
-    rates = []
+    out = []
     for _ in range(rounds):
+        busy0, own0 = machine_busy_seconds(), time.process_time()
         n, t0 = 0, time.perf_counter()
         end = t0 + seconds
         while True:
@@ -73,8 +87,10 @@ def measure(run: Callable[[], object], seconds: float, rounds: int) -> list[floa
             t = time.perf_counter()
             if t >= end:
                 break
-        rates.append(n / (t - t0))
-    return rates
+        busy1, own1 = machine_busy_seconds(), time.process_time()
+        foreign = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / (t - t0)
+        out.append((n / (t - t0), foreign))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: no .onnx or .tflite files in {args.dir}; run scripts/bench/make_models.py first")
     print(f"threads={args.threads}, {args.rounds} x {args.seconds:g}s per model, median round; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other load skews the numbers)")
-    print(f"{'model':32} {'runtime':14} {'inf/s':>7} {'ms/inf':>7}  rounds (inf/s)")
+    print(f"{'model':32} {'runtime':14} {'inf/s':>7} {'ms/inf':>7}  rounds: inf/s (CPUs busy with other processes)")
     for path in paths:
         if path.suffix == ".onnx":
             runtime, run = "onnxruntime", onnx_runner(path, args.threads)
         else:
             runtime, run = "tflite", tflite_runner(path, args.threads)
-        rates = measure(run, args.seconds, args.rounds)
-        med = statistics.median(rates)
-        print(f"{path.name:32} {runtime:14} {med:7.1f} {1e3 / med:7.1f}  {', '.join(f'{r:.1f}' for r in rates)}",
-              flush=True)
+        rounds = measure(run, args.seconds, args.rounds)
+        med = statistics.median(r for r, _ in rounds)
+        detail = ", ".join(f"{r:.1f}" + ("" if f is None else f" ({f:.2f})") for r, f in rounds)
+        print(f"{path.name:32} {runtime:14} {med:7.1f} {1e3 / med:7.1f}  {detail}", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 

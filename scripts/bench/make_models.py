@@ -506,10 +506,10 @@ class Target:
         return Path(self.filename).stem + ".yaml"
 
 
-def manifest(name: str, task: str, preprocess: str, comment: str, extra: str = "") -> str:
+def manifest(name: str, task: str, preprocess: str, comment: str) -> str:
     return (f"# {comment}\n# Benchmark model with RANDOM weights, built by scripts/bench/make_models.py:"
             f" its outputs mean nothing.\nname: {name}\nversion: \"0.0.0-bench\"\ntask: {task}\n"
-            f"preprocess:\n{preprocess}{extra}")
+            f"preprocess:\n{preprocess}")
 
 
 TARGETS = (
