@@ -23,11 +23,22 @@ $(VENV)/.test-deps: $(VENV)/.run-deps
 	$(PIP) install -e '.[tflite,dev]'
 	@touch $@
 
+# The other TFLite stack: tflite-runtime 2.14 with numpy<2 (older images, 32-bit Pi OS).
+LEGACY ?= .venv-legacy
+$(LEGACY)/.deps: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(LEGACY)
+	$(LEGACY)/bin/python -m pip --disable-pip-version-check -q install -e '.[tflite-legacy]' \
+	  pytest pytest-timeout hypothesis onnx scikit-image
+	@touch $@
+
 run: $(VENV)/.run-deps
 	bash scripts/run.sh
 
-test: $(VENV)/.test-deps
+test: $(VENV)/.test-deps $(LEGACY)/.deps
 	$(PY) -m pytest -q
+	@echo "--- the runtime tests again on tflite-runtime 2.14 + numpy<2 ($(LEGACY)) ---"
+	$(LEGACY)/bin/python -m pytest -q -p no:cacheprovider tests/test_vision.py tests/test_e2e.py \
+	  tests/test_probe.py tests/test_decoders.py
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check agent scripts tests
@@ -39,4 +50,4 @@ assets: $(VENV)/.run-deps
 	$(PY) scripts/make_demo_clip.py
 
 clean:
-	rm -rf $(VENV) .state .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LEGACY) .state .pytest_cache build *.egg-info

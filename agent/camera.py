@@ -333,7 +333,9 @@ class Capture:
             self.slot.put(Frame(img, time.time(), t, self.captured))
             self.captured += 1
             if period:
-                next_due = max(next_due + period, t - period)  # no burst to catch up after a stall
+                next_due += period
+                if next_due < t:  # late (a stall): start the beat again instead of sending a burst
+                    next_due = t + period
 
     def _reopen(self) -> None:
         self.state = "stalled"

@@ -237,8 +237,10 @@ class Deployer:
             workdir.rmdir()
         self._event(did, "activating")
         self._ensure_baseline()
-        if installed is not None:  # same bytes, maybe new name, version, labels or preprocessing
+        if self.store.get(spec.sha256) is not None:  # same bytes, maybe new name, version, labels or preprocessing
             stored = self.store.relabel(spec.sha256, _stored_manifest(m, raw), model_yaml(m))
+            if installed is None:
+                staged.unlink(missing_ok=True)
         else:
             stored = self.store.install(staged, spec.sha256, spec.format, _stored_manifest(m, raw), model_yaml(m))
         self._activate(did, stored)

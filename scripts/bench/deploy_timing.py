@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Deploy timing and hot-swap gaps, measured end to end on this machine.
+
+Starts a private mosquitto and one agent (synthetic camera), then for each model size runs
+`agent-ctl deploy` and reports: seconds from the command to `active`, the largest gap between two
+predictions around the swap, frames dropped during the swap, and whether any seq was skipped.
+
+    python scripts/bench/deploy_timing.py [--fps 15] [--runs 3] [--sizes 0.2,14]
+
+fps 0 means full rate (the model as fast as it goes). Reports medians over --runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import onnx
+import paho.mqtt.client as paho
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models" / "face"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_of_size(work: Path, mb: float, tag: str) -> Path:
+    """BlazeFace ONNX padded with metadata to ``mb`` megabytes (a real, loadable model)."""
+    d = work / tag
+    d.mkdir(parents=True)
+    if mb <= 0.25:
+        shutil.copyfile(MODELS / "blazeface.tflite", d / "m.tflite")
+        path = d / "m.tflite"
+    else:
+        m = onnx.load(str(MODELS / "blazeface.onnx"))
+        p = m.metadata_props.add()
+        p.key, p.value = "padding", "x" * int(mb * 2**20 - (MODELS / "blazeface.onnx").stat().st_size)
+        path = d / "m.onnx"
+        onnx.save(m, str(path))
+    (d / "model.yaml").write_text((MODELS / "model.yaml").read_text())
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fps", type=float, default=15)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="0.2,14", help="model sizes in MB")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="deploy-timing-"))
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    cfg = {"device_id": "bench", "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
+           "camera": {"source": "synthetic", "fps": args.fps}, "health": {"interval_s": 1},
+           "deploy": {"probation_s": 0}, "state_dir": str(work / "state"),
+           "model": {"path": str(MODELS / "blazeface.tflite")}}
+    cfg_path = work / "agent.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    agent = subprocess.Popen([sys.executable, "-m", "agent.daemon", "--config", str(cfg_path)], cwd=ROOT,
+                             stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT)
+    preds: list[dict] = []
+    health: list[dict] = []
+    lock = threading.Lock()
+
+    def on_msg(c, u, m):
+        with lock:
+            (preds if m.topic.endswith("predictions") else health).append(json.loads(m.payload))
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2)
+    sub.on_message = on_msg
+    sub.connect("127.0.0.1", port)
+    sub.subscribe([("edge/bench/predictions", 0), ("edge/bench/health", 0)])
+    sub.loop_start()
+    try:
+        while len(preds) < 20:
+            time.sleep(0.1)
+        rows = []
+        sizes = [float(s) for s in args.sizes.split(",")]
+        for mb in sizes:
+            took, gaps, dropped, skipped = [], [], [], 0
+            for run in range(args.runs):
+                model = model_of_size(work, mb, f"{mb}-{run}")
+                with lock:
+                    start_idx = len(preds)
+                    drop0 = health[-1]["frames_dropped"] if health else 0
+                t0 = time.monotonic()
+                r = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(cfg_path), "deploy", str(model),
+                                    "--version", f"{mb}-{run}", "--timeout", "300"], cwd=ROOT, capture_output=True,
+                                   text=True)
+                took.append(time.monotonic() - t0)
+                if r.returncode != 0:
+                    sys.exit(f"deploy failed: {r.stderr}")
+                time.sleep(1.5)
+                with lock:
+                    window = preds[start_idx:]
+                    drop1 = health[-1]["frames_dropped"]
+                seqs = [p["seq"] for p in window]
+                skipped += sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
+                swap = next(i for i, p in enumerate(window) if p["model"]["version"] == f"{mb}-{run}")
+                around = window[max(0, swap - 10): swap + 10]
+                gaps.append(max(b["ts"] - a["ts"] for a, b in zip(around, around[1:])) * 1000)
+                dropped.append(drop1 - drop0)
+                print(f"  {mb:>5} MB run {run + 1}: {took[-1]:.2f} s to active, largest gap {gaps[-1]:.0f} ms, "
+                      f"dropped {dropped[-1]}", file=sys.stderr)
+            rows.append((mb, statistics.median(took), statistics.median(gaps), max(dropped), skipped))
+        interval = 1000 / args.fps if args.fps else None
+        with lock:
+            rate = len(preds) / max(1e-9, preds[-1]["ts"] - preds[0]["ts"])
+        print(f"\ncamera {('%g fps' % args.fps) if args.fps else 'full rate'} (measured {rate:.0f} predictions/s), "
+              f"median of {args.runs} runs")
+        print("| model MB | deploy → active s | largest prediction gap at swap ms | frames dropped | seq gaps |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for mb, t, g, d, s in rows:
+            print(f"| {mb:g} | {t:.2f} | {g:.0f}" + (f" ({g / interval:.2f} frame intervals)" if interval else "")
+                  + f" | {d} | {s} |")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+        sub.loop_stop()
+        broker.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
