@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -25,11 +26,13 @@ def module_path(name: str) -> str:
 
 
 def _import(name: str) -> ModuleType:
-    mod = importlib.import_module(module_path(name))
-    # tensorflow.lite exposes Interpreter and the delegate loader under .experimental
-    if not hasattr(mod, "load_delegate") and hasattr(mod, "experimental"):
-        mod.load_delegate = mod.experimental.load_delegate  # type: ignore[attr-defined]
-    return mod
+    if module_path(name) == "tensorflow.lite":
+        # importlib gives tensorflow's source package here, not the public tf.lite API.
+        import tensorflow as tf
+
+        return types.SimpleNamespace(Interpreter=tf.lite.Interpreter,  # type: ignore[return-value]
+                                     load_delegate=tf.lite.experimental.load_delegate)
+    return importlib.import_module(module_path(name))
 
 
 def load_tflite_module(only: str | None = None) -> ModuleType:
