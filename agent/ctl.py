@@ -271,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
     sp.set_defaults(func=cmd_watch)
 
+    from agent.bench import add_parser as add_bench
     from agent.ctl_deploy import add_parsers
 
     add_parsers(sub)
+    add_bench(sub)
 
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
