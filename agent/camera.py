@@ -263,7 +263,15 @@ class FrameSlot:
             if self._frame is None:
                 self._cond.wait(timeout)
             frame, self._frame = self._frame, None
+            self._cond.notify_all()  # a producer may be waiting for the slot to empty
             return frame
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until the consumer has taken the frame in the slot (for sources we can pace)."""
+        with self._cond:
+            if self._frame is not None:
+                self._cond.wait(timeout)
+            return self._frame is None
 
 
 class Capture:
@@ -314,6 +322,10 @@ class Capture:
                 # Live sources are drained while we wait, so the frame we keep is fresh, not buffered.
                 if not (self.source.live and self.source.skip()):
                     self._stop.wait(min(next_due - now, 0.05))
+                continue
+            if not self.source.live and not period and not self.slot.wait_empty(0.1):
+                # A file or test pattern with no fps cap goes at the consumer's pace: one frame ahead,
+                # none made only to be dropped (that would take CPU from inference).
                 continue
             img = self.source.read()
             if img is None:

@@ -173,3 +173,17 @@ def test_tflite_falls_through_a_runtime_that_imports_but_cannot_build_an_interpr
     assert choice.module == "ai_edge_litert"
     s = TFLiteSession(MODELS / "blazeface.tflite")  # no module pinned: the session falls through too
     assert s.info.module == "ai_edge_litert"
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop"])
+@pytest.mark.parametrize("shape", [(1, 96, 128, 3), (1, 3, 96, 128)])
+def test_fast_and_general_preprocessing_paths_give_the_same_tensor(resize, shape):
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    spec = PreprocessSpec(resize=resize, mean=(10, 20, 30), std=(2, 4, 8))
+    fast = Preprocessor(TensorSpec("x", shape, np.dtype(np.float32)), spec)
+    general = Preprocessor(TensorSpec("x", shape, np.dtype(np.float32)), spec)
+    general._blob = None
+    a, ga = fast(frame)
+    b, gb = general(frame)
+    assert ga == gb
+    assert np.abs(a - b).max() < 1e-4

@@ -74,6 +74,9 @@ class OnnxSession:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # ORT's pool spin-waits between runs by default: a core burned at 15 fps on a Pi, and at full
+        # rate it takes the CPU our capture and publish threads need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         notes: list[str] = []
         built_in = set(ort.get_available_providers())
         missing = [p for p in providers if p not in built_in]
