@@ -7,9 +7,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -32,6 +33,7 @@ class Frame:
     ts: float  # wall-clock capture time (time.time())
     mono: float  # time.monotonic() at capture, for latency
     index: int  # capture counter since start
+    prepared: Any = None  # the model's input tensor, made on this thread ahead of inference
 
 
 class FrameSource(Protocol):
@@ -251,12 +253,15 @@ class FrameSlot:
         self._frame: Frame | None = None
         self.dropped = 0
 
-    def put(self, frame: Frame) -> None:
+    def put(self, frame: Frame) -> Frame | None:
+        """Offer the newest frame; returns the unprocessed one it replaced, if any."""
         with self._cond:
-            if self._frame is not None:
+            old = self._frame
+            if old is not None:
                 self.dropped += 1
             self._frame = frame
             self._cond.notify()
+            return old
 
     def take(self, timeout: float) -> Frame | None:
         with self._cond:
@@ -284,6 +289,8 @@ class Capture:
         self.captured = 0
         self.reopens = 0
         self.last_error: str | None = None
+        # Set by the pipeline: preprocess each frame here, overlapped with inference of the previous one.
+        self.prepare: Callable[[np.ndarray], Any] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
 
@@ -342,7 +349,15 @@ class Capture:
             t = time.monotonic()
             last_frame = t
             self.state = "streaming"
-            self.slot.put(Frame(img, time.time(), t, self.captured))
+            prepared = None
+            if self.prepare is not None:
+                try:
+                    prepared = self.prepare(img)
+                except Exception as exc:  # noqa: BLE001 - the frame loop will preprocess it and report
+                    log.debug("preparing a frame failed: %s", exc)
+            dropped = self.slot.put(Frame(img, time.time(), t, self.captured, prepared))
+            if dropped is not None and dropped.prepared is not None:
+                dropped.prepared.model.release(dropped.prepared)
             self.captured += 1
             if period:
                 next_due += period

@@ -132,6 +132,7 @@ class Agent:
         self.publisher = PredictionPublisher(self.link, self.topics.predictions, cfg.mqtt.predictions_qos,
                                              durable=self.durable)
         self.pipeline = Pipeline(self.slot, self.model, self.publisher.submit)
+        self.capture.prepare = self.pipeline.prepare
         self.deployer = Deployer(cfg, topics=self.topics, publish=self._publish_event, store=self.store,
                                  load=lambda path: self._load(path), activate=self._swap,
                                  pipeline_stats=self.pipeline.stats, current_model=lambda: self.model)

@@ -106,6 +106,16 @@ class ModelInfo:
 Decoder = Callable[[list[np.ndarray], Geometry], list[Result]]
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A frame already turned into ``model``'s input tensor (on the capture thread, ahead of inference)."""
+
+    model: LoadedModel
+    tensor: np.ndarray
+    geom: Geometry
+    ms: float
+
+
 def make_decoder(task: str, session: Session, labels: tuple[str, ...], settings: DecodeSettings) -> Decoder:
     """The task decoder bound to this model's outputs and settings."""
     specs = list(session.outputs)
@@ -160,9 +170,30 @@ class LoadedModel:
         tensor, geom = self.preprocessor(frame)
         return [np.array(o) for o in self.session.run([tensor])], geom
 
-    def infer(self, frame: np.ndarray) -> tuple[list[Result], Timings]:
+    def prepare(self, frame: np.ndarray) -> Prepared:
+        """Preprocess into a pooled buffer; ``infer(frame, prepared)`` then runs it and gives the buffer back."""
         t0 = time.perf_counter()
-        if self._input_view is not None:
+        buf = self.preprocessor.pool.get()
+        geom = self.preprocessor(frame, buf)[1]
+        return Prepared(self, buf, geom, (time.perf_counter() - t0) * 1e3)
+
+    def release(self, prepared: Prepared) -> None:
+        self.preprocessor.pool.put(prepared.tensor)
+
+    def infer(self, frame: np.ndarray, prepared: Prepared | None = None) -> tuple[list[Result], Timings]:
+        t0 = time.perf_counter()
+        pre_ms = None
+        if prepared is not None and prepared.model is not self:
+            prepared.model.release(prepared)  # made for the model before a swap: do it again for this one
+            prepared = None
+        if prepared is not None:
+            geom, pre_ms = prepared.geom, prepared.ms
+            t1 = time.perf_counter()
+            try:
+                outputs = self.session.run([prepared.tensor])
+            finally:
+                self.release(prepared)
+        elif self._input_view is not None:
             view = self._input_view(0)
             geom = self.preprocessor(frame, view)[1]
             del view  # TFLite refuses to invoke while a view of its buffers is alive
@@ -179,7 +210,8 @@ class LoadedModel:
                 raise FloatingPointError("model output has NaN/infinite values or is empty")
         results = self.decoder(outputs, geom)
         t3 = time.perf_counter()
-        return results, Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        return results, Timings(pre_ms if pre_ms is not None else (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                                (t3 - t2) * 1e3)
 
     def close(self) -> None:
         self.session.close()

@@ -82,6 +82,10 @@ class Pipeline:
     def start(self) -> None:
         self._thread.start()
 
+    def prepare(self, image):
+        """Preprocess for the model active now (called on the capture thread)."""
+        return self._model.prepare(image)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
@@ -128,7 +132,7 @@ class Pipeline:
         stats = self.stats
         self.last_frame = frame
         try:
-            results, timings = model.infer(frame.image)
+            results, timings = model.infer(frame.image, frame.prepared)
         except Exception as exc:  # noqa: BLE001 - a bad frame or model must not stop the loop
             stats.errors += 1
             stats.last_error = f"{type(exc).__name__}: {exc}"

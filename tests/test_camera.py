@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -115,12 +116,26 @@ def test_a_source_that_vanishes_is_reopened_with_backoff_and_the_state_shows_it(
         cap.stop()
 
 
-def test_a_non_looping_file_ends_and_says_so():
+def test_a_non_looping_file_ends_and_says_so_and_an_uncapped_file_drops_nothing():
     slot = FrameSlot()
     cap = Capture(CvSource(str(REPO / "assets" / "demo.mp4"), live=False, loop=False), slot, fps=0, stall_s=5)
+    taken = []
+    stop = threading.Event()
+
+    def consumer():  # a slow consumer: an uncapped file waits for it instead of dropping frames
+        while not stop.is_set():
+            f = slot.take(0.1)
+            if f is not None:
+                taken.append(f.index)
+                time.sleep(0.005)
+
+    t = threading.Thread(target=consumer, daemon=True)
+    t.start()
     cap.start()
     try:
         wait_until(lambda: cap.state == "ended", 20, what="the end of the clip")
-        assert cap.captured == 60
+        wait_until(lambda: len(taken) == 60, 5, what="every frame consumed")
+        assert cap.captured == 60 and slot.dropped == 0 and taken == list(range(60))
     finally:
+        stop.set()
         cap.stop()

@@ -54,6 +54,24 @@ def input_layout(spec: TensorSpec, pre: PreprocessSpec) -> InputLayout:
     return InputLayout(nchw, h, w, c)
 
 
+class TensorPool:
+    """Input buffers handed out and given back, so preparing frames ahead allocates nothing per frame."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 4):
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self._free: list[np.ndarray] = []
+
+    def get(self) -> np.ndarray:
+        try:
+            return self._free.pop()  # list.pop/append are atomic: no lock needed between two threads
+        except IndexError:
+            return np.empty(self.shape, self.dtype)
+
+    def put(self, arr: np.ndarray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(arr)
+
+
 class Preprocessor:
     """Turns a BGR uint8 frame into the model's input tensor and the Geometry to undo it."""
 
@@ -76,6 +94,7 @@ class Preprocessor:
         self._blob = self._blob_params()
         self._work = np.empty((lay.height, lay.width, lay.channels), np.float32)
         self._out = np.empty(self.shape, self.dtype)
+        self.pool = TensorPool(self.shape, self.dtype)
         self._canvas: np.ndarray | None = None
 
     def _blob_params(self):
