@@ -117,10 +117,10 @@ def main() -> None:
                     window = preds[start_idx:]
                     drop1 = health[-1]["frames_dropped"]
                 seqs = [p["seq"] for p in window]
-                skipped += sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
+                skipped += sum(1 for a, b in zip(seqs, seqs[1:], strict=False) if b != a + 1)
                 swap = next(i for i, p in enumerate(window) if p["model"]["version"] == f"{mb}-{run}")
                 around = window[max(0, swap - 10): swap + 10]
-                gaps.append(max(b["ts"] - a["ts"] for a, b in zip(around, around[1:])) * 1000)
+                gaps.append(max(b["ts"] - a["ts"] for a, b in zip(around, around[1:], strict=False)) * 1000)
                 dropped.append(drop1 - drop0)
                 print(f"  {mb:>5} MB run {run + 1}: {took[-1]:.2f} s to active, largest gap {gaps[-1]:.0f} ms, "
                       f"dropped {dropped[-1]}", file=sys.stderr)
@@ -128,7 +128,7 @@ def main() -> None:
         interval = 1000 / args.fps if args.fps else None
         with lock:
             rate = len(preds) / max(1e-9, preds[-1]["ts"] - preds[0]["ts"])
-        print(f"\ncamera {('%g fps' % args.fps) if args.fps else 'full rate'} (measured {rate:.0f} predictions/s), "
+        print(f"\ncamera {f"{args.fps:g} fps" if args.fps else 'full rate'} (measured {rate:.0f} predictions/s), "
               f"median of {args.runs} runs")
         print("| model MB | deploy → active s | largest prediction gap at swap ms | frames dropped | seq gaps |")
         print("| ---: | ---: | ---: | ---: | ---: |")
