@@ -128,7 +128,8 @@ def main() -> None:
         interval = 1000 / args.fps if args.fps else None
         with lock:
             rate = len(preds) / max(1e-9, preds[-1]["ts"] - preds[0]["ts"])
-        print(f"\ncamera {f"{args.fps:g} fps" if args.fps else 'full rate'} (measured {rate:.0f} predictions/s), "
+        camera = f"{args.fps:g} fps" if args.fps else "full rate"
+        print(f"\ncamera {camera} (measured {rate:.0f} predictions/s), "
               f"median of {args.runs} runs")
         print("| model MB | deploy → active s | largest prediction gap at swap ms | frames dropped | seq gaps |")
         print("| ---: | ---: | ---: | ---: | ---: |")
