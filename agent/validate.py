@@ -1,16 +1,16 @@
 """Validate a model in a child process: a model that crashes or hangs its runtime kills the child, not us.
 
-Parent side: ``validate_in_child``. Child side: ``python -m agent.validate MODEL MANIFEST_JSON``, which
-prints one JSON line: {"ok": true, ...} or {"ok": false, "error": "..."}.
+Children are forked from a forkserver that imported the runtimes once, so a validation costs a fork,
+not a new interpreter (seconds on a Pi). ``python -m agent.validate MODEL SPEC_JSON`` runs the same
+checks in the foreground and prints one JSON line, for debugging a model by hand.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
+import multiprocessing
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,29 +23,62 @@ class ValidationFailed(RuntimeError):
     """The model did not pass; the message says what happened."""
 
 
+_CTX = None
+PRELOAD = ["agent.validate", "agent.model", "agent.probe", "agent.manifest", "numpy", "cv2", "onnxruntime",
+           "ai_edge_litert.interpreter", "tflite_runtime.interpreter"]
+
+
+def _context():
+    """A forkserver that has imported the runtimes once: each validation is a cheap fork, not a new Python."""
+    global _CTX
+    if _CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)  # modules that don't import are skipped
+        _CTX = ctx
+    return _CTX
+
+
+def _child(model_path: str, spec: dict, conn) -> None:
+    try:
+        result = _check(Path(model_path), spec)
+    except Exception as exc:  # noqa: BLE001 - report every failure as data, the parent decides
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    conn.send(result)
+    conn.close()
+
+
 def validate_in_child(model_path: Path, manifest: dict, *, backend: str = "auto", accelerator: str = "auto",
                       timeout: float = 60.0, workdir: Path | None = None) -> dict:
-    """Run the checks below in a fresh interpreter; ValidationFailed on a failure, a crash or a timeout."""
-    spec = workdir / "validate.json" if workdir else model_path.with_suffix(".validate.json")
-    spec.write_text(json.dumps({"manifest": manifest, "backend": backend, "accelerator": accelerator}))
+    """Run the checks below in a child process; ValidationFailed on a failure, a crash or a timeout."""
+    ctx = _context()
+    spec = {"manifest": manifest, "backend": backend, "accelerator": accelerator}
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(str(model_path), spec, send), name="edge-agent-validate", daemon=True)
+    proc.start()
+    send.close()
     try:
-        proc = subprocess.run([sys.executable, "-m", "agent.validate", str(model_path), str(spec)],
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONFAULTHANDLER": ""}, cwd=Path(__file__).parent.parent)
-    except subprocess.TimeoutExpired:
-        raise ValidationFailed(f"validation did not finish within {timeout:.0f} s (the model hangs its runtime?); "
-                               "the child was killed") from None
+        if recv.poll(timeout):
+            try:
+                result = recv.recv()
+            except EOFError:  # the child died before it could answer
+                result = None
+        else:
+            result = None
+        proc.join(5 if result is not None else 0.5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            if result is None:
+                raise ValidationFailed(f"validation did not finish within {timeout:.0f} s (the model hangs its "
+                                       "runtime?); the child was killed")
     finally:
-        spec.unlink(missing_ok=True)
-    if proc.returncode < 0:
-        name = SIGNAL_NAMES.get(-proc.returncode, str(-proc.returncode))
-        raise ValidationFailed(f"the runtime crashed while loading or running the model (killed by {name})")
-    last = (proc.stdout.strip().splitlines() or [""])[-1]
-    try:
-        result = json.loads(last)
-    except ValueError:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValidationFailed(f"validation exited with code {proc.returncode}: {tail}") from None
+        recv.close()
+    if result is None:
+        code = proc.exitcode or 0
+        if code < 0:
+            name = SIGNAL_NAMES.get(-code, str(-code))
+            raise ValidationFailed(f"the runtime crashed while loading or running the model (killed by {name})")
+        raise ValidationFailed(f"validation exited with code {code} without a result")
     if not result.get("ok"):
         raise ValidationFailed(result.get("error") or "validation failed")
     return result
