@@ -24,16 +24,22 @@ class ValidationFailed(RuntimeError):
 
 
 _CTX = None
-PRELOAD = ["agent.validate", "agent.model", "agent.probe", "agent.manifest", "numpy", "cv2", "onnxruntime",
-           "ai_edge_litert.interpreter", "tflite_runtime.interpreter"]
+PRELOAD = ["agent.validate", "agent.model", "agent.probe", "agent.manifest", "numpy", "cv2", "onnxruntime"]
 
 
 def _context():
     """A forkserver that has imported the runtimes once: each validation is a cheap fork, not a new Python."""
     global _CTX
     if _CTX is None:
+        from agent import probe
+
+        facts = probe.probe(check_runtimes="first")
+        # Only the TFLite module that works here: importing a broken one (tflite_runtime under numpy 2)
+        # would print a page of numpy's C-level warnings into the journal.
+        tflite = [f"{m}.interpreter" for m in probe.TFLITE_MODULES[:2]
+                  if facts.runtimes.get(m) is not None and facts.runtimes[m].available][:1]
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)  # modules that don't import are skipped
+        ctx.set_forkserver_preload(PRELOAD + tflite)  # modules that don't import are skipped
         _CTX = ctx
     return _CTX
 
