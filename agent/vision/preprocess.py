@@ -108,13 +108,17 @@ class Preprocessor:
             return None
         if self.layout.channels != 3:
             return None
+        name = "DNN_LAYOUT_NCHW" if self.layout.nchw else "DNN_LAYOUT_NHWC"
+        layout = getattr(cv2, name, getattr(dnn, name, None))  # OpenCV 5 moved these out of cv2.dnn
+        if layout is None:
+            return None
         p = dnn.Image2BlobParams()
         p.scalefactor = (*(1.0 / v for v in self.pre.std), 0.0)
         p.mean = tuple(self.pre.mean)
         p.size = (self.layout.width, self.layout.height)
         p.swapRB = self.pre.color == "rgb"
         p.ddepth = cv2.CV_32F
-        p.datalayout = cv2.DNN_LAYOUT_NCHW if self.layout.nchw else cv2.DNN_LAYOUT_NHWC
+        p.datalayout = layout
         p.paddingmode = {"stretch": dnn.DNN_PMODE_NULL, "letterbox": dnn.DNN_PMODE_LETTERBOX,
                          "crop": dnn.DNN_PMODE_CROP_CENTER}[self.pre.resize]
         p.borderValue = (self.pre.pad_value,) * 3
