@@ -28,7 +28,8 @@ if ! listening; then
       MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
       conf="$(mktemp)"
       printf 'listener %s %s\nallow_anonymous true\npersistence false\n' "$PORT" "$HOST" > "$conf"
-      "$MOSQ" -c "$conf" >/dev/null 2>&1 &
+      # its own session: Ctrl-C reaches the agent, which says goodbye before the trap stops the broker
+      setsid "$MOSQ" -c "$conf" >/dev/null 2>&1 &
       broker_pid=$!
       trap 'kill $broker_pid 2>/dev/null || true; rm -f "$conf"' EXIT
       for _ in $(seq 50); do listening && break; sleep 0.1; done

@@ -136,3 +136,14 @@ def test_agent_ctl_reports_an_unreachable_broker_with_exit_1(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 1
     assert "cannot reach the broker" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mqtt_3_1_1_works_too_last_will_included(broker, recorder_factory, agent_factory, tmp_path):
+    cfg = agent_config(broker, tmp_path, mqtt={"url": broker.url, "protocol": "3.1.1"})
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+    agent = agent_factory(cfg).start()
+    rec.wait_json("/predictions", count=3, timeout=30)
+    assert rec.wait_json("/status")[-1]["state"] == "online"
+    agent.signal(signal.SIGKILL)
+    agent.wait(5)
+    rec.wait_json("/status", lambda m: m["state"] == "offline", timeout=15)
