@@ -311,11 +311,16 @@ def request(cfg, device: str, command: str, timeout: float) -> dict:
     return got
 
 
+def device_request(args, command: str) -> tuple[str, dict]:
+    """The device named by --device (or the config's) and its answer to ``command``."""
+    cfg = _ctl()._config(args)
+    device = args.device or cfg.device_id
+    return device, request(cfg, device, command, args.timeout)
+
+
 def cmd_rollback(args) -> int:
     ctl = _ctl()
-    cfg = ctl._config(args)
-    device = args.device or cfg.device_id
-    resp = request(cfg, device, "rollback", args.timeout)
+    device, resp = device_request(args, "rollback")
     m = resp.get("model") or {}
     print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
     return ctl.EXIT_OK
@@ -323,9 +328,7 @@ def cmd_rollback(args) -> int:
 
 def cmd_models(args) -> int:
     ctl = _ctl()
-    cfg = ctl._config(args)
-    device = args.device or cfg.device_id
-    resp = request(cfg, device, "models", args.timeout)
+    _, resp = device_request(args, "models")
     if args.json:
         print(json.dumps(resp, indent=2))
         return ctl.EXIT_OK
@@ -337,9 +340,7 @@ def cmd_models(args) -> int:
 
 def cmd_snapshot(args) -> int:
     ctl = _ctl()
-    cfg = ctl._config(args)
-    device = args.device or cfg.device_id
-    resp = request(cfg, device, "snapshot", args.timeout)
+    device, resp = device_request(args, "snapshot")
     out = Path(args.out or f"{device}-snapshot.jpg")
     out.write_bytes(base64.b64decode(resp["jpeg"]))
     print(f"{out}: {resp['width']}x{resp['height']} frame from {device}")

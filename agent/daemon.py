@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import platform as pyplatform
-import queue
 import signal
 import sys
 import threading
@@ -26,7 +25,8 @@ from agent.model import LoadedModel, ManifestError, load_model
 from agent.modelstore import ModelStore
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox, OutboxError
-from agent.pipeline import Pipeline, Prediction
+from agent.pipeline import Pipeline
+from agent.publisher import PredictionPublisher, dumps
 from agent.runtimes import ModelLoadError, RuntimeUnavailable
 from agent.systemd import Notifier, setup_logging
 from agent.topics import Topics
@@ -34,77 +34,6 @@ from agent.topics import Topics
 log = logging.getLogger("agent")
 MAX_COMMAND_BYTES = 64 * 1024
 SWITCH_INTERVAL_S = 0.0005
-LINGER_BELOW_S = 0.005  # batch predictions only when they come faster than this
-LINGER_S = 0.003
-
-
-def dumps(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-
-
-class PredictionPublisher:
-    """JSON-encodes and publishes predictions on its own thread, off the frame loop."""
-
-    def __init__(self, link: MqttLink, topic: str, qos: int, maxsize: int = 256, durable=None):
-        self.link, self.topic, self.qos = link, topic, qos
-        self.durable = durable
-        self.dropped = 0
-        self._q: queue.Queue[Prediction | None] = queue.Queue(maxsize)
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, pred: Prediction) -> None:
-        try:
-            self._q.put_nowait(pred)
-        except queue.Full:  # the link is stuck: keep the newest, count the loss
-            try:
-                self._q.get_nowait()
-                self.dropped += 1
-            except queue.Empty:
-                pass
-            self._q.put_nowait(pred)
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._q.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        last = 0.0
-        while True:
-            pred = self._q.get()
-            if pred is None:
-                return
-            batch = [pred]
-            now = time.monotonic()
-            if now - last < LINGER_BELOW_S:
-                # Predictions are coming faster than every few ms: gather a few and send them together,
-                # so the MQTT thread wakes once per batch instead of once per frame. At camera rates
-                # (15-60 fps) this never triggers and adds no latency.
-                time.sleep(LINGER_S)
-            last = now
-            while True:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._send(batch)
-                    return
-                batch.append(nxt)
-            self._send(batch)
-
-    def _send(self, batch: list[Prediction]) -> None:
-        for pred in batch:
-            try:
-                payload = dumps(pred.to_json())
-                if self.qos and self.durable is not None:
-                    self.durable.submit(self.topic, payload, qos=self.qos)
-                else:
-                    self.link.publish(self.topic, payload, qos=self.qos)
-            except Exception:  # noqa: BLE001
-                log.exception("publishing a prediction failed")
 
 
 class Agent:

@@ -150,7 +150,7 @@ def main() -> None:
                       sys_counters.get("$SYS/broker/messages/sent", 0), time.monotonic())
         last = [line for line in r.stderr.splitlines() if line.strip()][-3:]
         print("\n".join(last), file=sys.stderr)
-        print(f"\n| devices | deploy --group → all active | exit | broker RSS | agent RSS per device | "
+        print("\n| devices | deploy --group → all active | exit | broker RSS | agent RSS per device | "
               "broker msgs/s in / out during deploy |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         print(f"| {args.devices} | {took:.1f} s | {r.returncode} | {broker_mb:.0f} MB | "

@@ -29,7 +29,7 @@ def main() -> None:
     import cv2
 
     from agent import probe
-    from agent.daemon import dumps
+    from agent.publisher import dumps
     from agent.model import load_model
     from agent.outbox import Outbox
     from agent.pipeline import Prediction
