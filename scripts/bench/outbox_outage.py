@@ -29,10 +29,10 @@ def main() -> None:
     import cv2
 
     from agent import probe
-    from agent.publisher import dumps
     from agent.model import load_model
     from agent.outbox import Outbox
     from agent.pipeline import Prediction
+    from agent.publisher import dumps
 
     facts = probe.probe(check_runtimes="first")
     model = load_model(ROOT / "models/face/blazeface.tflite", lambda f: probe.choose_runtime(facts, f))
