@@ -57,6 +57,10 @@ def can_move(state: str | None, new: str) -> bool:
     return state is None and new in ("received", "rejected") or new in NEXT.get(state or "", set())
 
 
+class Interrupted(Exception):
+    """The agent is stopping mid-deployment: not an outcome, so not journaled; it resumes after restart."""
+
+
 @dataclass
 class Probation:
     deployment_id: str
@@ -91,6 +95,10 @@ class Deployer:
         self._receivers: dict[str, ChunkReceiver] = {}
         self._probation: Probation | None = None
         self._stop = threading.Event()
+        # Set when a newer manifest arrives while one is downloading: the desired model changed, so the
+        # old transfer (perhaps waiting for a sender that is long gone) gives way at once.
+        self._abort = threading.Event()
+        self._downloading: str | None = None
         self._thread = threading.Thread(target=self._run, name="deployer", daemon=True)
         self.last_deployment: str | None = None
 
@@ -105,6 +113,7 @@ class Deployer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._abort.set()
         self._jobs.put(None)
         self._thread.join(5)
         for r in self._receivers.values():
@@ -116,6 +125,8 @@ class Deployer:
         if f"{base}/deploy" not in (self.topics.deploy, *(self.topics.group_deploy(g) for g in self.cfg.groups)):
             return False
         if rest == "":
+            if payload and self._downloading is not None and _raw_id(payload) not in (None, self._downloading):
+                self._abort.set()
             self._enqueue(("manifest", topic, payload))
             return True
         parts = rest.split("/")  # "", id, "chunk", i
@@ -192,6 +203,8 @@ class Deployer:
                                                             "version": manifest.model.version})
         try:
             self._deploy(raw, manifest)
+        except Interrupted:
+            log.info("deployment %s interrupted by shutdown; it resumes when the agent starts again", did)
         except ManifestRejected as exc:
             self._event(did, "rejected", error=str(exc))
         except (TransferError, ValidationFailed, OSError, ValueError, RuntimeError) as exc:
@@ -246,6 +259,14 @@ class Deployer:
         self._activate(did, stored)
 
     def _download(self, did: str, m: DeploymentManifest) -> Path:
+        self._downloading = did
+        self._abort.clear()
+        try:
+            return self._fetch(did, m)
+        finally:
+            self._downloading = None
+
+    def _fetch(self, did: str, m: DeploymentManifest) -> Path:
         spec = m.model
         self._event(did, "downloading", progress=0.0)
         if isinstance(m.source, MqttSource):
@@ -257,7 +278,9 @@ class Deployer:
             last_report = last_need = 0.0
             while not r.complete:
                 if self._stop.is_set():
-                    raise TransferError("agent stopping")
+                    raise Interrupted
+                if self._abort.is_set():
+                    raise TransferError("superseded by a newer deployment")
                 now = time.monotonic()
                 if now > deadline:
                     raise TransferError(f"download timed out after {self.cfg.deploy.download_timeout_s:g} s with "
@@ -282,7 +305,14 @@ class Deployer:
                 last[0] = time.monotonic()
                 self._event(did, "downloading", progress=round(p, 4))
 
-        download_url(m.source.url, dest, spec.size, progress=progress, stop=self._stop)
+        try:
+            download_url(m.source.url, dest, spec.size, progress=progress, stop=self._abort)
+        except TransferError as exc:
+            if str(exc) == "stopped":
+                if self._stop.is_set():
+                    raise Interrupted from None
+                raise TransferError("superseded by a newer deployment") from None
+            raise
         return dest
 
     def _verify(self, staged: Path, m: DeploymentManifest) -> None:

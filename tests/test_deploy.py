@@ -299,12 +299,13 @@ def _serve_needs_until_active(sender, raw, data, topic, timeout=60) -> list[list
     raise AssertionError(f"not active after {timeout} s: {events(sender, did)[-3:]}")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_transfer_interrupted_by_an_agent_restart_resumes_where_it_stopped(broker, recorder_factory, agent_factory,
-                                                                           tmp_path):
+                                                                           tmp_path, sig):
     cfg, agent, sender, raw, data, topic = _resume_setup(broker, recorder_factory, agent_factory, tmp_path)
     n = raw["source"]["chunks"]
-    agent.signal(signal.SIGKILL)
-    agent.wait(5)
+    agent.signal(sig)
+    assert agent.wait(10) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     agent.start()  # picks up the retained manifest again, finds half the chunks on disk
     served = _serve_needs_until_active(sender, raw, data, topic)
     assert served and min(served[0]) >= n // 2, f"asked again for chunks it had: {served[0][:5]}"
@@ -358,3 +359,17 @@ def test_an_offline_device_times_out_with_exit_1_and_says_why(broker, tmp_path):
     assert r.returncode == 1 and "no answer within 3 s" in r.stderr
 
 
+
+
+def test_a_newer_deployment_supersedes_one_stuck_waiting_for_chunks(device, broker, tmp_path):
+    cfg, agent, rec = device()
+    stale = copy_model(MODELS / "blazeface.onnx", tmp_path / "stale", "m.onnx")
+    raw, _ = manifest_for(stale, version="1.5.0", no_golden=True)
+    # a retained manifest whose sender is gone: its chunks will never come
+    publish_manifest(rec.client, f"edge/{cfg['device_id']}/deploy", raw)
+    rec.wait_json("/events", lambda e: e["deployment_id"] == raw["deployment_id"] and e["state"] == "downloading")
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "new", "m.onnx")
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    old = [e for e in events(rec, raw["deployment_id"]) if e["state"] == "failed"]
+    assert old and "superseded" in old[-1]["error"]
