@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,7 +36,7 @@ from agent.modelstore import ModelStore, StoredModel
 from agent.runtimes import detect_format
 from agent.topics import Topics
 from agent.transfer import ChunkReceiver, TransferError, download_url
-from agent.validate import ValidationFailed, validate_in_child
+from agent.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
 
 log = logging.getLogger(__name__)
 PROBATION_MIN_FRAMES = 30
@@ -163,6 +164,10 @@ class Deployer:
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:  # hashing and loading a new model must not take the CPU from the frame loop (Linux: per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except (OSError, AttributeError):
+            pass
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.25)

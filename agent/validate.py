@@ -24,6 +24,7 @@ class ValidationFailed(RuntimeError):
 
 
 _CTX = None
+BACKGROUND_NICE = 10
 PRELOAD = ["agent.validate", "agent.model", "agent.probe", "agent.manifest", "numpy", "cv2", "onnxruntime"]
 
 
@@ -45,6 +46,9 @@ def _context():
 
 
 def _child(model_path: str, spec: dict, conn) -> None:
+    import os
+
+    os.nice(BACKGROUND_NICE)  # the live frame loop keeps the CPU; validation can wait
     try:
         result = _check(Path(model_path), spec)
     except Exception as exc:  # noqa: BLE001 - report every failure as data, the parent decides

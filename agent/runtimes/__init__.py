@@ -15,6 +15,7 @@ __all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "Te
 
 log = logging.getLogger(__name__)
 ModelFormat = Literal["tflite", "onnx"]
+WARMUP_RUNS = 3
 
 
 def detect_format(path: str | Path) -> ModelFormat:
@@ -47,7 +48,10 @@ def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path 
     if warmup:
         zeros = [np.zeros(tuple(max(d, 1) for d in s.shape), s.dtype) for s in session.inputs]
         try:
-            session.run(zeros)
+            # A few runs, not one: a fresh session's first runs still grow arenas and wake thread
+            # pools, and that must happen here, not on the first frames after a hot swap.
+            for _ in range(WARMUP_RUNS):
+                session.run(zeros)
         except Exception as exc:  # noqa: BLE001 - any runtime error here means the model can't serve
             session.close()
             raise ModelLoadError(f"{path}: warm-up inference failed ({exc})") from exc
