@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,37 +247,55 @@ def _redact(url: str) -> str:
 
 
 class FrameSlot:
-    """Holds only the newest frame: a slow consumer skips frames instead of queueing them."""
+    """Holds the newest frame: a slow consumer skips frames instead of queueing them.
 
-    def __init__(self) -> None:
+    Sources we pace ourselves (files, test patterns) may ``queue`` up to ``depth`` frames instead,
+    so the capture thread has slack to prepare the next ones while inference runs.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
         self._cond = threading.Condition()
-        self._frame: Frame | None = None
+        self._frames: deque[Frame] = deque()
+        self.depth = depth
         self.dropped = 0
 
     def put(self, frame: Frame) -> Frame | None:
-        """Offer the newest frame; returns the unprocessed one it replaced, if any."""
+        """Offer the newest frame (live sources); returns the unprocessed one it replaced, if any."""
         with self._cond:
-            old = self._frame
+            old = self._frames.pop() if self._frames else None
             if old is not None:
                 self.dropped += 1
-            self._frame = frame
+            self._frames.clear()
+            self._frames.append(frame)
             self._cond.notify()
             return old
 
+    def queue(self, frame: Frame) -> None:
+        """Add a frame behind the others (paced sources: only called when ``wait_room`` said so)."""
+        with self._cond:
+            self._frames.append(frame)
+            self._cond.notify()
+
     def take(self, timeout: float) -> Frame | None:
         with self._cond:
-            if self._frame is None:
+            if not self._frames:
                 self._cond.wait(timeout)
-            frame, self._frame = self._frame, None
-            self._cond.notify_all()  # a producer may be waiting for the slot to empty
+            frame = self._frames.popleft() if self._frames else None
+            self._cond.notify_all()  # a producer may be waiting for room
             return frame
 
-    def wait_empty(self, timeout: float) -> bool:
-        """Block until the consumer has taken the frame in the slot (for sources we can pace)."""
+    def wait_room(self, timeout: float) -> bool:
+        """Block until there is room for one more queued frame."""
         with self._cond:
-            if self._frame is not None:
+            if len(self._frames) >= self.depth:
                 self._cond.wait(timeout)
-            return self._frame is None
+            return len(self._frames) < self.depth
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._cond:
+            if self._frames:
+                self._cond.wait(timeout)
+            return not self._frames
 
 
 class Capture:
@@ -330,9 +349,10 @@ class Capture:
                 if not (self.source.live and self.source.skip()):
                     self._stop.wait(min(next_due - now, 0.05))
                 continue
-            if not self.source.live and not period and not self.slot.wait_empty(0.1):
-                # A file or test pattern with no fps cap goes at the consumer's pace: one frame ahead,
-                # none made only to be dropped (that would take CPU from inference).
+            paced_by_consumer = not self.source.live and not period
+            if paced_by_consumer and not self.slot.wait_room(0.1):
+                # A file or test pattern with no fps cap goes at the consumer's pace: a frame or two
+                # ahead, none made only to be dropped (that would take CPU from inference).
                 continue
             img = self.source.read()
             if img is None:
@@ -355,9 +375,13 @@ class Capture:
                     prepared = self.prepare(img)
                 except Exception as exc:  # noqa: BLE001 - the frame loop will preprocess it and report
                     log.debug("preparing a frame failed: %s", exc)
-            dropped = self.slot.put(Frame(img, time.time(), t, self.captured, prepared))
-            if dropped is not None and dropped.prepared is not None:
-                dropped.prepared.model.release(dropped.prepared)
+            frame = Frame(img, time.time(), t, self.captured, prepared)
+            if paced_by_consumer:
+                self.slot.queue(frame)
+            else:
+                dropped = self.slot.put(frame)
+                if dropped is not None and dropped.prepared is not None:
+                    dropped.prepared.model.release(dropped.prepared)
             self.captured += 1
             if period:
                 next_due += period
