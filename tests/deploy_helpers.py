@@ -38,7 +38,7 @@ def padded_onnx(dest_dir: Path, megabytes: float) -> Path:
     return dest_dir / "big.onnx"
 
 
-def slow_onnx(dest_dir: Path, matmuls: int = 12) -> Path:
+def slow_onnx(dest_dir: Path, matmuls: int = 40) -> Path:
     """BlazeFace ONNX plus a heavy branch multiplied by zero: same outputs, many times the latency.
 
     The branch depends on the input, so the runtime cannot fold it away.
