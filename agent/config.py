@@ -10,7 +10,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+
+def _bundle_root() -> Path:
+    """Where the bundled models/ and assets/ are: a checkout, $EDGE_AGENT_SHARE, or install.sh's place."""
+    checkout = Path(__file__).resolve().parent.parent
+    for candidate in (os.environ.get("EDGE_AGENT_SHARE"), checkout, "/opt/edge-agent/share"):
+        if candidate and (Path(candidate) / "models").is_dir():
+            return Path(candidate)
+    return checkout
+
+
+BUNDLE_ROOT = _bundle_root()
 BUNDLED_CONFIG = BUNDLE_ROOT / "config" / "agent.yaml"
 SYSTEM_CONFIG = Path("/etc/edge-agent/agent.yaml")
 ENV_PREFIX = "EDGE_AGENT__"

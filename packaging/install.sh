@@ -254,6 +254,22 @@ else
     [ -x "$VENV/bin/$NAME" ] || die "pip finished but $VENV/bin/$NAME is missing (does the project declare the '$NAME' console script?)"
 fi
 
+# ---------------------------------------------------------------- bundled models and demo clip
+# The package alone has no data files: the default config's model (models/face/...) and the demo
+# clip are found under EDGE_AGENT_SHARE, which the unit points here.
+SHARE_DIR=$OPT_DIR/share
+for d in models assets; do
+    if [ -d "$SOURCE/$d" ]; then
+        log "installing $SHARE_DIR/$d"
+        rm -rf -- "${SHARE_DIR:?}/$d"
+        mkdir -p -- "$SHARE_DIR"
+        cp -R -- "$SOURCE/$d" "$SHARE_DIR/$d"
+        chmod -R u=rwX,go=rX -- "$SHARE_DIR/$d"
+    else
+        warn "$SOURCE/$d is missing: the default model or demo clip will not be there"
+    fi
+done
+
 # ---------------------------------------------------------------- docs
 if [ -f "$SOURCE/docs/service.md" ]; then
     install -D -m 0644 "$SOURCE/docs/service.md" "$OPT_DIR/docs/service.md"

@@ -446,3 +446,22 @@ def test_systemd_extra_failure_falls_back_to_tflite_only(tmp_path):
     assert calls[0].endswith(f"{src}[tflite,systemd]") and "--no-deps" in calls[0]
     assert calls[1].endswith(f"{src}[tflite]")
     assert "libsystemd-dev" in proc.stderr and "built-in sd_notify" in proc.stderr
+
+
+def test_installed_default_config_finds_the_bundled_model(tmp_path):
+    """The service's default config names models/face/...: install.sh ships it where the unit looks."""
+    root = tmp_path / "root"
+    r = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-enable"], capture_output=True, text=True,
+                       env={**os.environ, "EDGE_AGENT_SKIP_PIP": "1"})
+    assert r.returncode == 0, r.stderr
+    share = root / "opt/edge-agent/share"
+    assert (share / "models/face/blazeface.tflite").is_file() and (share / "assets/demo.mp4").is_file()
+    assert "Environment=EDGE_AGENT_SHARE=/opt/edge-agent/share" in UNIT.read_text()
+    check = subprocess.run([sys.executable, "-m", "agent.ctl", "config", "check", str(root / "etc/edge-agent/agent.yaml")],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "EDGE_AGENT_SHARE": str(share), "PYTHONPATH": str(REPO)})
+    assert check.returncode == 0, check.stderr
+    assert str(share / "models/face/blazeface.tflite") in subprocess.run(
+        [sys.executable, "-c", "from agent.config import load_config; import sys; print(load_config(sys.argv[1]).model.path)",
+         str(root / "etc/edge-agent/agent.yaml")], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "EDGE_AGENT_SHARE": str(share), "PYTHONPATH": str(REPO)}).stdout
