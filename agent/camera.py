@@ -291,12 +291,6 @@ class FrameSlot:
                 self._cond.wait(timeout)
             return len(self._frames) < self.depth
 
-    def wait_empty(self, timeout: float) -> bool:
-        with self._cond:
-            if self._frames:
-                self._cond.wait(timeout)
-            return not self._frames
-
 
 class Capture:
     """The capture thread: reads the source, paces to ``fps``, reopens a stalled source with backoff."""

@@ -42,22 +42,6 @@ log = logging.getLogger(__name__)
 PROBATION_MIN_FRAMES = 30
 PROBATION_MIN_EXTRA_MS = 5.0
 
-# Transitions a deployment may take; anything else is a bug.
-NEXT = {
-    "received": {"downloading", "rejected", "active"},
-    "downloading": {"verifying", "failed"},
-    "verifying": {"validating", "failed", "rejected"},
-    "validating": {"activating", "failed"},
-    "activating": {"active", "failed"},
-    "active": {"rolled_back"},
-}
-
-
-def can_move(state: str | None, new: str) -> bool:
-    """Whether ``state`` → ``new`` is a legal step (None = not started; any state may be resumed)."""
-    return state is None and new in ("received", "rejected") or new in NEXT.get(state or "", set())
-
-
 class Interrupted(Exception):
     """The agent is stopping mid-deployment: not an outcome, so not journaled; it resumes after restart."""
 

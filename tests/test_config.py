@@ -131,3 +131,13 @@ def test_credentials_in_the_broker_url_are_refused_without_echoing_them():
     lines = problems({"mqtt": {"url": "mqtts://cam:hunter2@broker:8883"}})
     assert len(lines) == 1 and lines[0].startswith("mqtt.url: credentials in the URL are not accepted")
     assert "hunter2" not in lines[0]
+
+
+def test_the_bundled_config_states_the_real_defaults():
+    """config/agent.yaml documents the defaults: it must say what the code does with an empty file."""
+    bundled = load_config(REPO / "config" / "agent.yaml", environ={})
+    empty = parse_config({}, environ={})
+    for section in ("mqtt", "camera", "runtime", "health", "deploy"):
+        assert getattr(bundled, section) == getattr(empty, section), section
+    assert (bundled.groups, bundled.state_dir, bundled.log_level) == (empty.groups, empty.state_dir, empty.log_level)
+    assert bundled.model.path == empty.model.path
