@@ -104,10 +104,12 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 class Recorder:
     """Subscribes to topics and keeps every message (topic, payload, retain) for assertions."""
 
-    def __init__(self, broker: Broker, *topics: str):
+    def __init__(self, broker: Broker, *topics: str, configure: Callable[[paho.Client], None] | None = None):
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:6]}")
+        if configure is not None:  # e.g. TLS and credentials, before connecting
+            configure(self.client)
         self.topics = topics
         self._subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: [c.subscribe(t, qos=1) for t in self.topics]

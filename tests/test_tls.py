@@ -10,7 +10,6 @@ import datetime
 import ipaddress
 import shutil
 import subprocess
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
@@ -145,21 +143,13 @@ class TlsRecorder(Recorder):
 
     def __init__(self, broker: TlsBroker, pki: Pki, *topics: str, client_cert: bool = False,
                  username: str | None = None, password: str | None = None):
-        self.messages = []
-        self._lock = threading.Lock()
-        self.topics = topics
-        self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:6]}")
-        self.client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert) if client_cert else None,
-                            keyfile=str(pki.client_key) if client_cert else None)
-        if username:
-            self.client.username_pw_set(username, password)
-        self.client.on_connect = lambda c, u, f, rc, p: [c.subscribe(t, qos=1) for t in self.topics]
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(5), "recorder could not subscribe over TLS"
+        def configure(client: paho.Client) -> None:
+            client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert) if client_cert else None,
+                           keyfile=str(pki.client_key) if client_cert else None)
+            if username:
+                client.username_pw_set(username, password)
+
+        super().__init__(broker, *topics, configure=configure)
 
     def payloads(self) -> list[bytes]:
         with self._lock:
