@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +52,6 @@ class Probation:
     deployment_id: str
     until: float
     previous: LoadedModel
-    previous_sha: str | None
     baseline_p95: float | None
     processed_at_swap: int
     errors_at_swap: int
@@ -228,11 +228,13 @@ class Deployer:
             check_path = workdir / f"model.{spec.format}"
             if check_path.exists():
                 check_path.unlink()
-            check_path.hardlink_to(staged) if staged.stat().st_dev == workdir.stat().st_dev else check_path.write_bytes(staged.read_bytes())
+            try:  # the child loads it from here, beside its model.yaml
+                os.link(staged, check_path)
+            except OSError:  # staging on another filesystem
+                shutil.copyfile(staged, check_path)
             (workdir / "model.yaml").write_text(model_yaml(m))
             validate_in_child(check_path, raw, backend=self.cfg.runtime.backend,
-                              accelerator=self.cfg.runtime.accelerator, timeout=self.cfg.deploy.validate_timeout_s,
-                              workdir=workdir)
+                              accelerator=self.cfg.runtime.accelerator, timeout=self.cfg.deploy.validate_timeout_s)
         finally:
             for p in workdir.iterdir():
                 p.unlink()
@@ -344,11 +346,10 @@ class Deployer:
         baseline = _p95(list(self.stats.inference_ms))
         errors_before = self.stats.errors
         processed_before = self.stats.processed
-        previous_sha = self.store.active().sha256 if self.store.active() else None
         old = self.activate_model(new)
         self.store.activate(stored.sha256)
         self._end_probation(keep_previous=False)
-        self._probation = Probation(did, time.monotonic() + self.probation_s, old, previous_sha, baseline,
+        self._probation = Probation(did, time.monotonic() + self.probation_s, old, baseline,
                                     processed_before, errors_before)
         self._event(did, "active", progress=1.0, model={"name": stored.name, "version": stored.version,
                                                        "sha256": stored.sha256})

@@ -245,17 +245,13 @@ def load_model(path: Path, choose, *, task: str | None = None, labels_file: Path
             labels = embedded_labels(path)
         else:
             labels = ()
-        if task == "yolo" and not labels:
-            from agent.vision.decoders import yolo_meta
-
-            names, _ = yolo_meta(session.metadata)
-            labels = names or ()
         pre = manifest.preprocess
-        if task == "yolo" and pre.size is None:
+        if task == "yolo":  # Ultralytics exports carry class names and input size in their metadata
             from agent.vision.decoders import yolo_meta
 
-            _, imgsz = yolo_meta(session.metadata)
-            if imgsz and any(d < 0 for d in session.inputs[0].shape):
+            names, imgsz = yolo_meta(session.metadata)
+            labels = labels or names or ()
+            if pre.size is None and imgsz and any(d < 0 for d in session.inputs[0].shape):
                 pre = pre.model_copy(update={"size": imgsz})
         preprocessor = Preprocessor(session.inputs[0], pre)
         decoder = make_decoder(task, session, labels, settings)

@@ -25,7 +25,6 @@ class Prediction:
     boot_id: str
     ts: float
     frame_ts: float
-    frame_mono: float
     model: ModelInfo
     task: str
     timings: Timings
@@ -145,7 +144,7 @@ class Pipeline:
         stats.inference_ms.append(timings.inference)
         stats.total_ms.append(timings.total)
         stats.last_frame_mono = time.monotonic()
-        pred = Prediction(self._seq, self.boot_id, time.time(), frame.ts, frame.mono, model.info,
+        pred = Prediction(self._seq, self.boot_id, time.time(), frame.ts, model.info,
                           model.info.task, timings, results)
         self._first.set()
         try:

@@ -277,13 +277,11 @@ def _test_model() -> Path:
 
 def _load_tflite(name: str) -> str | None:
     """Import module ``name``, build an interpreter on the bundled model if present; return its version."""
-    if name == "tensorflow.lite":
-        import tensorflow as tf
+    from agent.runtimes.tflite import _import  # the same import the session makes
 
-        interpreter_cls, version = tf.lite.Interpreter, tf.__version__
-    else:
-        interpreter_cls = importlib.import_module(f"{name}.interpreter").Interpreter
-        version = getattr(importlib.import_module(name), "__version__", None)
+    interpreter_cls = _import(name).Interpreter
+    top = "tensorflow" if name == "tensorflow.lite" else name
+    version = getattr(importlib.import_module(top), "__version__", None)
     # Importing is not enough: tflite-runtime 2.14 imports under numpy 2 but fails here.
     if _test_model().is_file():
         interpreter_cls(model_path=str(_test_model())).allocate_tensors()

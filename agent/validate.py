@@ -58,7 +58,7 @@ def _child(model_path: str, spec: dict, conn) -> None:
 
 
 def validate_in_child(model_path: Path, manifest: dict, *, backend: str = "auto", accelerator: str = "auto",
-                      timeout: float = 60.0, workdir: Path | None = None) -> dict:
+                      timeout: float = 60.0) -> dict:
     """Run the checks below in a child process; ValidationFailed on a failure, a crash or a timeout."""
     ctx = _context()
     spec = {"manifest": manifest, "backend": backend, "accelerator": accelerator}

@@ -43,7 +43,7 @@ def main() -> None:
         if not ok:
             break
         results, timings = model.infer(frame)
-        payloads.append(dumps(Prediction(len(payloads) + 1, "f" * 32, time.time(), time.time(), 0.0, model.info,
+        payloads.append(dumps(Prediction(len(payloads) + 1, "f" * 32, time.time(), time.time(), model.info,
                                          "blazeface", timings, results).to_json()))
     health = b"x" * 1100  # a health message is about 1.1 KB of JSON
     n = int(args.minutes * 60 * args.fps)
