@@ -44,6 +44,7 @@ class Agent:
         self.config_path = config_path
         self.notifier = Notifier()
         self.topics = Topics(cfg.mqtt.prefix, cfg.device_id)
+        _require_state_dir(cfg.state_dir)
         self.facts = probe.probe(check_runtimes="first")
         self.store = ModelStore(cfg.state_dir / "models", keep=cfg.deploy.keep_versions)
         self.model = self._initial_model()
@@ -293,6 +294,18 @@ class Agent:
         self.model.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)
         return 0
+
+
+def _require_state_dir(path: Path) -> None:
+    """Everything durable lives here: a directory this user cannot write is a start-up error, said plainly."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"state_dir {path}: cannot create it ({exc.strerror}); set state_dir in the config "
+                         "(or EDGE_AGENT__STATE_DIR) to a directory this user can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"state_dir {path}: not writable by this user; set state_dir in the config "
+                         "(or EDGE_AGENT__STATE_DIR) to a directory this user can write") from None
 
 
 def _writable(path: Path) -> bool:

@@ -141,3 +141,13 @@ def test_the_bundled_config_states_the_real_defaults():
         assert getattr(bundled, section) == getattr(empty, section), section
     assert (bundled.groups, bundled.state_dir, bundled.log_level) == (empty.groups, empty.state_dir, empty.log_level)
     assert bundled.model.path == empty.model.path
+
+
+def test_daemon_with_a_state_dir_it_cannot_create_exits_1_and_says_what_to_do(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    f = tmp_path / "agent.yaml"
+    f.write_text(f"state_dir: {blocker / 'state'}\ncamera:\n  source: synthetic\n")
+    r = _run("agent.daemon", "--config", str(f))
+    assert r.returncode == 1
+    assert "state_dir" in r.stderr and "EDGE_AGENT__STATE_DIR" in r.stderr and "Traceback" not in r.stderr
