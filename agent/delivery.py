@@ -14,6 +14,7 @@ import time
 
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox, OutboxError
+from agent.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class DurableSender:
 
     def _run(self) -> None:
         assert self.outbox is not None
+        name_this_thread("ea-outbox")
         tokens, last = float(self.window), time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.2)

@@ -35,6 +35,7 @@ from agent.manifest import (
 from agent.model import LoadedModel, file_sha256
 from agent.modelstore import ModelStore, StoredModel
 from agent.runtimes import detect_format
+from agent.threads import name_this_thread, nice_this_thread
 from agent.topics import Topics
 from agent.transfer import ChunkReceiver, TransferError, download_url
 from agent.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
@@ -148,10 +149,8 @@ class Deployer:
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
-        try:  # hashing and loading a new model must not take the CPU from the frame loop (Linux: per thread)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        except (OSError, AttributeError):
-            pass
+        name_this_thread("ea-deployer")
+        nice_this_thread(BACKGROUND_NICE)  # hashing and loading a new model must not take the frame loop's CPU
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.25)

@@ -206,7 +206,8 @@ class LoadedModel:
         t2 = time.perf_counter()
         for out in outputs:
             # A model that produces NaN or nothing must count as failing (probation rolls it back).
-            if out.size == 0 or (out.dtype.kind == "f" and not np.isfinite(out).all()):
+            # min and max carry any NaN or infinity through without a temporary array the output's size.
+            if out.size == 0 or (out.dtype.kind == "f" and not (np.isfinite(out.min()) and np.isfinite(out.max()))):
                 raise FloatingPointError("model output has NaN/infinite values or is empty")
         results = self.decoder(outputs, geom)
         t3 = time.perf_counter()

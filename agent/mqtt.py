@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttConfig
+from agent.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"
@@ -149,6 +150,7 @@ class MqttLink:
         self.state = "connected"
         self.last_error = None
         log.info("mqtt: connected to %s", self.endpoint)
+        name_this_thread("ea-mqtt")  # paho's network thread runs this callback
         for topic, qos in self.subscriptions:
             if self.cfg.protocol == "5":
                 # Retain-as-published: a retained command keeps its flag even for a live subscriber,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from agent.camera import Frame, FrameSlot
 from agent.model import LoadedModel, ModelInfo, Timings
+from agent.threads import name_this_thread
 from agent.vision.results import Result
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Pipeline:
         return self._old_after_swap
 
     def _run(self) -> None:
+        name_this_thread("ea-frame-loop")
         stats = self.stats
         stats.last_frame_mono = time.monotonic()
         while not self._stop.is_set():

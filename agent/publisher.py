@@ -10,6 +10,7 @@ import time
 
 from agent.mqtt import MqttLink
 from agent.pipeline import Prediction
+from agent.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 LINGER_BELOW_S = 0.005  # batch predictions only when they come faster than this
@@ -50,6 +51,7 @@ class PredictionPublisher:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        name_this_thread("ea-publisher")
         last = 0.0
         while True:
             pred = self._q.get()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import MODELS, REPO, Broker, agent_config, wait_until
@@ -55,6 +56,9 @@ def test_face_on_a_real_photo_is_published_where_it_is(broker, recorder_factory,
         assert key in health
     assert health["camera"]["state"] == "streaming"
     assert health["latency_ms"]["inference"]["p99"] >= health["latency_ms"]["inference"]["p50"] > 0
+    # the agent's threads carry names that top -H, ps -L and py-spy show
+    names = {(t / "comm").read_text().strip() for t in Path(f"/proc/{agent.proc.pid}/task").iterdir()}
+    assert {"ea-capture", "ea-frame-loop", "ea-publisher", "ea-mqtt", "ea-deployer"} <= names, names
     assert agent.stop() == 0
 
 

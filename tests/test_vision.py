@@ -187,3 +187,36 @@ def test_fast_and_general_preprocessing_paths_give_the_same_tensor(resize, shape
     b, gb = general(frame)
     assert ga == gb
     assert np.abs(a - b).max() < 1e-4
+
+
+def test_onnx_io_binding_gives_the_plain_run_values_in_buffers_it_reuses():
+    s = OnnxSession(MODELS / "blazeface.onnx")
+    tensor, _ = load_model(MODELS / "blazeface.onnx", choose).preprocessor(astronaut())
+    plain = s.ort.run(None, {s.inputs[0].name: tensor})
+    first = s.run([tensor])
+    assert [o.shape for o in first] == [o.shape for o in plain]
+    assert all(np.array_equal(a, b) for a, b in zip(first, plain, strict=True))
+    kept = [o.copy() for o in first]
+    second = s.run([np.zeros_like(tensor)])
+    assert all(a is b for a, b in zip(first, second, strict=True))  # written in place, nothing allocated
+    assert not np.array_equal(second[0], kept[0])
+    # a non-contiguous or wrongly typed input is converted, not misread
+    again = s.run([np.asfortranarray(tensor.astype(np.float64))])
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(again, plain, strict=True))
+
+
+def test_onnx_model_with_dynamic_output_shape_runs_without_binding(tmp_path: Path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "h", "w"])])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    s = OnnxSession(path)
+    x = np.linspace(-1, 1, 3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5)
+    out = s.run([x])
+    assert out[0].shape == (1, 3, 4, 5) and np.array_equal(out[0], np.maximum(x, 0))
+    assert s.run([x[:, :, :2]])[0].shape == (1, 3, 2, 5)
