@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,10 @@ class Deployer:
         self._abort = threading.Event()
         self._downloading: str | None = None
         self._thread = threading.Thread(target=self._run, name="deployer", daemon=True)
+        # Models are loaded on a thread at normal priority: the runtime's worker threads (ORT's intra-op
+        # pool, XNNPACK's) are created by the loading thread and inherit its niceness, and they go on
+        # serving every frame after the swap. The deployer itself runs niced (hashing, validation).
+        self._loader = ThreadPoolExecutor(max_workers=1, initializer=name_this_thread, initargs=("ea-loader",))
         self.last_deployment: str | None = None
 
     # -- wiring ----------------------------------------------------------------------------------
@@ -95,13 +100,18 @@ class Deployer:
         return [(t, 1) for t in own + groups]
 
     def start(self) -> None:
+        self._loader.submit(lambda: None).result()  # its thread starts now, from this (un-niced) thread
         self._thread.start()
+
+    def _load(self, path: Path) -> LoadedModel:
+        return self._loader.submit(self.load, path).result()
 
     def stop(self) -> None:
         self._stop.set()
         self._abort.set()
         self._jobs.put(None)
         self._thread.join(5)
+        self._loader.shutdown(wait=False)
         for r in self._receivers.values():
             r.close()
 
@@ -341,7 +351,7 @@ class Deployer:
         self.store.activate(stored.sha256)
 
     def _activate(self, did: str, stored: StoredModel) -> None:
-        new = self.load(stored.path)  # loaded and warmed while the old model keeps serving
+        new = self._load(stored.path)  # loaded and warmed while the old model keeps serving
         baseline = _p95(list(self.stats.inference_ms))
         errors_before = self.stats.errors
         processed_before = self.stats.processed
@@ -391,7 +401,7 @@ class Deployer:
             self._probation = None
         else:
             self._end_probation(keep_previous=False)
-            previous = self.load(target.path)
+            previous = self._load(target.path)
         old = self.activate_model(previous)
         old.close()
         self.store.rollback()

@@ -82,6 +82,15 @@ def test_swap_tflite_to_onnx_and_back_drops_no_frame_and_skips_no_seq(device, tm
         assert max(gaps) < 2 / FPS, f"gap of {max(gaps) * 1000:.0f} ms at the swap"
     health = rec.wait_json("/health", lambda h: h["model"]["version"] == "3.0.0")[-1]
     assert health["frames_dropped"] == 0
+    # Only the deployer runs niced: the runtime threads a loaded model brought (ORT's pool, XNNPACK's)
+    # serve every frame from now on and must not have inherited the deployer's low priority.
+    niced = {}
+    for task in Path(f"/proc/{agent.proc.pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        nice = int(stat.rsplit(")", 1)[1].split()[16])
+        if nice:
+            niced[task.name] = ((task / "comm").read_text().strip(), nice)
+    assert [name for name, _ in niced.values()] == ["ea-deployer"], niced
 
 
 def test_bad_deployments_are_refused_while_the_old_model_keeps_serving(device, tmp_path, broker):
