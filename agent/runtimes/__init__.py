@@ -15,7 +15,7 @@ __all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "Te
 
 log = logging.getLogger(__name__)
 ModelFormat = Literal["tflite", "onnx"]
-WARMUP_RUNS = 3
+WARMUP_RUNS = 2
 
 
 def detect_format(path: str | Path) -> ModelFormat:
@@ -48,8 +48,9 @@ def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path 
     if warmup:
         zeros = [np.zeros(tuple(max(d, 1) for d in s.shape), s.dtype) for s in session.inputs]
         try:
-            # A few runs, not one: a fresh session's first runs still grow arenas and wake thread
-            # pools, and that must happen here, not on the first frames after a hot swap.
+            # Two runs, not one: a fresh session's first two runs still grow arenas and wake thread
+            # pools (ORT MobileNetV2: 3x then 1.4x the steady time), and that must happen here, not on
+            # the first frames after a hot swap. Not more: each one competes with the live frame loop.
             for _ in range(WARMUP_RUNS):
                 session.run(zeros)
         except Exception as exc:  # noqa: BLE001 - any runtime error here means the model can't serve
