@@ -193,7 +193,9 @@ def run_agent(model_path: Path, threads: int, seconds: float, source: str, fps: 
 
 
 def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: str = "synthetic") -> dict:
-    threads = threads or (os.cpu_count() or 1)
+    from agent.runtimes import inference_threads
+
+    threads = inference_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     broker = _Broker(work)
     try:
@@ -254,7 +256,7 @@ def add_parser(sub) -> None:
     sp = sub.add_parser("bench", help="bare interpreter vs the whole agent on one model, side by side")
     sp.add_argument("model")
     sp.add_argument("--seconds", type=float, default=10, help="per measurement (default 10)")
-    sp.add_argument("--threads", type=int, default=0, help="inference threads (default: number of cores)")
+    sp.add_argument("--threads", type=int, default=0, help="inference threads (default: as the agent picks for runtime.threads: 0)")
     sp.add_argument("--source", default="synthetic", help="synthetic (640x480), a video file, or images:DIR")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)

@@ -101,7 +101,7 @@ class ModelConfig(_Section):
 class RuntimeConfig(_Section):
     backend: Literal["auto", "tflite", "onnxruntime"] = "auto"
     accelerator: Literal["auto", "cpu", "edgetpu", "cuda", "tensorrt"] = "auto"
-    threads: int = Field(0, ge=0, description="0 = number of cores")
+    threads: int = Field(0, ge=0, description="0 = every core on 2-3 cores, all but one on 4 or more")
 
 
 class HealthConfig(_Section):

@@ -27,7 +27,7 @@ from agent.mqtt import MqttLink
 from agent.outbox import Outbox, OutboxError
 from agent.pipeline import Pipeline
 from agent.publisher import PredictionPublisher, dumps
-from agent.runtimes import ModelLoadError, RuntimeUnavailable
+from agent.runtimes import ModelLoadError, RuntimeUnavailable, inference_threads
 from agent.systemd import Notifier, setup_logging
 from agent.topics import Topics
 
@@ -107,7 +107,7 @@ class Agent:
             log.info("runtime: %s", choice.reason)
             return choice
 
-        threads = cfg.runtime.threads or (os.cpu_count() or 1)
+        threads = inference_threads(cfg.runtime.threads)
         extra = dict(task=cfg.model.task, labels_file=cfg.model.labels, threshold=cfg.model.threshold) if configured else {}
         model = load_model(path, choose, threads=threads,
                            cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None, **extra)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import types
 from dataclasses import replace
 
 import probe_fixtures as fx
 import pytest
+from conftest import REPO
 
 from agent import probe as probe_mod
 from agent.probe import (
@@ -23,6 +26,7 @@ from agent.probe import (
     read_temperatures,
     read_throttled,
 )
+from agent.runtimes import inference_threads
 
 CPU_ORT = RuntimeAvailability("onnxruntime", True, "1.31.1", providers=("CPUExecutionProvider",))
 GPU_ORT = RuntimeAvailability(
@@ -348,3 +352,19 @@ def test_report_shows_choice_errors_instead_of_raising(tmp_path):
 def test_unknown_accelerator_is_rejected_with_the_allowed_values(x86):
     with pytest.raises(RuntimeChoiceError, match="unknown accelerator 'npu'; expected one of auto, cpu"):
         choose_runtime(with_runtimes(x86, LITERT, CPU_ORT), "tflite", accelerator="npu")
+
+
+@pytest.mark.parametrize(("configured", "cores", "expected"),
+                         [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 4, 3), (0, 6, 5), (0, 8, 7), (2, 8, 2), (6, 2, 6)])
+def test_threads_0_leaves_a_core_to_the_pipeline_only_on_4_cores_or_more(configured, cores, expected):
+    assert inference_threads(configured, cores) == expected
+
+
+def test_threads_0_counts_the_cores_this_process_may_use(tmp_path):
+    # a cpuset (taskset, systemd CPUAffinity=) narrower than the machine decides, not /proc/cpuinfo
+    script = "from agent.runtimes import inference_threads; print(inference_threads(0))"
+    one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    assert one.stdout.strip() == "1"
+    cores = len(os.sched_getaffinity(0))
+    assert inference_threads(0) == (cores - 1 if cores >= 4 else cores)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,24 @@ __all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "Te
 log = logging.getLogger(__name__)
 ModelFormat = Literal["tflite", "onnx"]
 WARMUP_RUNS = 2
+
+
+def inference_threads(configured: int = 0, cores: int | None = None) -> int:
+    """``runtime.threads``; 0 picks the split between inference and the rest of the pipeline.
+
+    With 4 or more usable cores (a Pi 4/5, a Jetson) one is left to capture, preprocessing and MQTT,
+    which otherwise preempt a runtime worker and stall the whole parallel invoke; with 2 or 3 every
+    core goes to inference, since leaving one would idle a third to half of the machine between frames.
+    ``cores`` defaults to the CPUs this process may run on (a cpuset or CPUAffinity= counts).
+    """
+    if configured:
+        return configured
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+    return cores - 1 if cores >= 4 else max(cores, 1)
 
 
 def detect_format(path: str | Path) -> ModelFormat:

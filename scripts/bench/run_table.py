@@ -44,6 +44,9 @@ def main() -> None:
             runs.append(json.loads(r.stdout))
         med = {k: statistics.median(run[k] for run in runs) for k in KEYS}
         rows.append((model.name, runs[0]["backend"], runs[0]["threads"], med))
+        print(f"{model.name}: median ratio {med['ratio']:.3f}, overhead {med['overhead_ms_per_frame']:.2f} ms/frame; "
+              "per run: " + ", ".join(f"{r['bare_fps']:.0f}/{r['agent_fps']:.0f} fps" for r in runs),
+              file=sys.stderr, flush=True)
     print(f"\nmedian of {args.runs} runs, {args.seconds:g} s each\n")
     print("| model | runtime | threads | bare fps | agent fps | ratio | overhead ms/frame | e2e p99 @15 fps "
           "| inference p99 @15 fps | RSS bare / agent MB | CPU @15 fps |")
