@@ -68,6 +68,9 @@ class HealthSampler:
         self.started = time.monotonic()
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # first call primes the counter
+        # Found once: searching sysfs every sample held the GIL beside the frame loop for milliseconds.
+        self._zones = probe.thermal_zones(root)
+        self._throttled = probe.throttled_path(root)
         self._last = (time.monotonic(), 0, 0)
 
     def sample(self, *, pipeline, capture, slot, mqtt, model_info, outbox_depth: int = 0) -> Health:
@@ -82,7 +85,7 @@ class HealthSampler:
                 disk = round(shutil.disk_usage(self.state_dir).free / 2**20, 1)
             except OSError:
                 disk = None
-        throttled = probe.read_throttled(self.root)
+        throttled = probe.read_throttled(path=self._throttled) if self._throttled is not None else None
         return Health(
             ts=time.time(),
             uptime_s=round(now - self.started, 1),
@@ -98,7 +101,7 @@ class HealthSampler:
             mqtt={"state": mqtt.state, "sent": mqtt.sent, "unsent": mqtt.unsent, "error": mqtt.last_error},
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
-            temperature_c=probe.read_temperatures(self.root),
+            temperature_c=probe.read_temperatures(zones=self._zones),
             throttled=throttled.to_json() if throttled else None,
             gpu=jetson_gpu_load(self.root),
             disk_free_mb=disk,

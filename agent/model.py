@@ -208,8 +208,9 @@ class LoadedModel:
         t2 = time.perf_counter()
         for out in outputs:
             # A model that produces NaN or nothing must count as failing (probation rolls it back).
-            # min and max carry any NaN or infinity through without a temporary array the output's size.
-            if out.size == 0 or (out.dtype.kind == "f" and not (np.isfinite(out.min()) and np.isfinite(out.max()))):
+            # One float64 sum: NaN and infinities carry through, finite float32/16 values cannot overflow
+            # it, and it needs no temporary array the output's size (nor a second pass, as min + max do).
+            if out.size == 0 or (out.dtype.kind == "f" and not np.isfinite(out.sum(dtype=np.float64))):
                 raise FloatingPointError("model output has NaN/infinite values or is empty")
         results = self.decoder(outputs, geom)
         t3 = time.perf_counter()

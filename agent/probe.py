@@ -174,10 +174,15 @@ def _memory_mb(meminfo: str | None) -> int | None:
     return int(m[1]) // 1024 if m else None
 
 
-def read_temperatures(root: str | Path = "/") -> dict[str, float]:
+def thermal_zones(root: str | Path = "/") -> list[Path]:
+    """The thermal zone directories, in zone order (a health sampler finds them once)."""
+    return sorted(Path(root).glob("sys/class/thermal/thermal_zone*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+
+
+def read_temperatures(root: str | Path = "/", zones: list[Path] | None = None) -> dict[str, float]:
     """Zone type → °C for every readable thermal zone (duplicate types get the zone name appended)."""
-    zones = sorted(Path(root).glob("sys/class/thermal/thermal_zone*"),
-                   key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    if zones is None:
+        zones = thermal_zones(root)
     temps: dict[str, float] = {}
     for zone in zones:
         kind, temp = _read_text(zone / "type"), _read_text(zone / "temp")
@@ -190,21 +195,27 @@ def read_temperatures(root: str | Path = "/") -> dict[str, float]:
     return temps
 
 
-def read_throttled(root: str | Path = "/") -> Throttled | None:
-    """Decoded firmware throttling word on a Raspberry Pi, None elsewhere."""
+def throttled_path(root: str | Path = "/") -> Path | None:
+    """Where the firmware's throttling word is on a Raspberry Pi, None elsewhere.
+
+    The search walks sysfs (hundreds of entries on a Pi), so a health sampler does it once.
+    """
     platform_dir = Path(root) / "sys/devices/platform"
     candidates = [platform_dir / "soc/soc:firmware/get_throttled"]
     # Firmware node naming differs by kernel/board (e.g. Pi 5's soc@107c000000); bounded depth keeps it cheap.
     for depth in range(1, 4):
         candidates += sorted(platform_dir.glob("*/" * depth + "get_throttled"))
-    for path in candidates:
-        text = _read_text(path)
-        if text is not None:
-            try:
-                return Throttled.from_raw(int(text.strip(), 16))
-            except ValueError:
-                continue
-    return None
+    return next((p for p in candidates if _read_text(p) is not None), None)
+
+
+def read_throttled(root: str | Path = "/", path: Path | None = None) -> Throttled | None:
+    """Decoded firmware throttling word on a Raspberry Pi (at ``path`` if known), None elsewhere."""
+    path = path or throttled_path(root)
+    text = _read_text(path) if path is not None else None
+    try:
+        return Throttled.from_raw(int(text.strip(), 16)) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _edgetpu_devices(root: Path) -> tuple[str, ...]:

@@ -368,3 +368,27 @@ def test_threads_0_counts_the_cores_this_process_may_use(tmp_path):
     assert one.stdout.strip() == "1"
     cores = len(os.sched_getaffinity(0))
     assert inference_threads(0) == (cores - 1 if cores >= 4 else cores)
+
+
+def test_health_finds_the_pi_sensors_once_and_reads_them_every_sample(tmp_path):
+    from types import SimpleNamespace
+
+    from agent.camera import FrameSlot
+    from agent.health import HealthSampler
+    from agent.pipeline import PipelineStats
+
+    root = fx.raspberry_pi_4(tmp_path)
+    sampler = HealthSampler(root=str(root))
+    parts = dict(pipeline=SimpleNamespace(stats=PipelineStats()), slot=FrameSlot(),
+                 capture=SimpleNamespace(captured=0, state="streaming", source=SimpleNamespace(name="synthetic"),
+                                         reopens=0, last_error=None),
+                 mqtt=SimpleNamespace(state="connected", sent=0, unsent=0, last_error=None),
+                 model_info=SimpleNamespace(brief=lambda: {"name": "m", "version": "1"}))
+    first = sampler.sample(**parts)
+    assert first.throttled["raw"] == "0x50005" and first.temperature_c == {"cpu-thermal": 48.312}
+    # the firmware clears the live bits and the SoC cools: the next sample says so
+    (root / "sys/devices/platform/soc/soc:firmware/get_throttled").write_text("50000\n")
+    (root / "sys/class/thermal/thermal_zone0/temp").write_text("45000\n")
+    second = sampler.sample(**parts)
+    assert second.throttled["raw"] == "0x50000" and not second.throttled["under_voltage"]
+    assert second.temperature_c == {"cpu-thermal": 45.0}
