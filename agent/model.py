@@ -108,6 +108,11 @@ class ModelInfo:
 Decoder = Callable[[list[np.ndarray], Geometry], list[Result]]
 
 
+def _finite_sum(out: np.ndarray) -> bool:
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is the answer here, not a warning
+        return bool(np.isfinite(out.sum(dtype=np.float64)))
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A frame already turned into ``model``'s input tensor (on the capture thread, ahead of inference)."""
@@ -210,7 +215,7 @@ class LoadedModel:
             # A model that produces NaN or nothing must count as failing (probation rolls it back).
             # One float64 sum: NaN and infinities carry through, finite float32/16 values cannot overflow
             # it, and it needs no temporary array the output's size (nor a second pass, as min + max do).
-            if out.size == 0 or (out.dtype.kind == "f" and not np.isfinite(out.sum(dtype=np.float64))):
+            if out.size == 0 or (out.dtype.kind == "f" and not _finite_sum(out)):
                 raise FloatingPointError("model output has NaN/infinite values or is empty")
         results = self.decoder(outputs, geom)
         t3 = time.perf_counter()
