@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian/Ubuntu packages edge-agent's scripts need, when missing and possible.
 #   scripts/setup-system.sh run    mosquitto (local broker), libsystemd-dev + pkg-config (systemd-python)
-#   scripts/setup-system.sh test   the above, plus systemd (systemd-analyze, for the unit file test)
+#   scripts/setup-system.sh test   the above, plus systemd (systemd-analyze, for the unit file test) and,
+#                                  best effort, the linter for install.sh (its test skips, saying so, without it)
 # Installs only as root or with passwordless sudo; otherwise prints what to install and carries on,
 # except for what the chosen target cannot work without (mosquitto for both).
 set -euo pipefail
@@ -13,7 +14,11 @@ pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev pkg-confi
 if [ "$target" = test ]; then
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 fi
-[ ${#missing[@]} -eq 0 ] && exit 0
+optional=()
+if [ "$target" = test ] && ! command -v shellcheck >/dev/null 2>&1; then
+  optional+=(shellcheck)
+fi
+[ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 
 sudo_cmd=()
 if [ "$(id -u)" -ne 0 ]; then
@@ -25,14 +30,18 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 if [ "${sudo_cmd[*]-}" != none ] && command -v apt-get >/dev/null 2>&1; then
-  echo "setup: installing ${missing[*]} (apt-get)"
+  echo "setup: installing ${missing[*]} ${optional[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq >/dev/null || true
-  if ! "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+  if [ ${#missing[@]} -gt 0 ] && ! "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
     echo "setup: apt-get could not install ${missing[*]}" >&2
   fi
+  # separately: a distribution without it must not cost us the packages above
+  if [ ${#optional[@]} -gt 0 ] && ! "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${optional[@]}" >/dev/null 2>&1; then
+    echo "setup: ${optional[*]} not available; its test will be skipped" >&2
+  fi
 else
-  echo "setup: please install these packages (as root): apt-get install ${missing[*]}" >&2
+  echo "setup: please install these packages (as root): apt-get install ${missing[*]} ${optional[*]}" >&2
 fi
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
