@@ -108,11 +108,6 @@ class ModelInfo:
 Decoder = Callable[[list[np.ndarray], Geometry], list[Result]]
 
 
-def _finite_sum(out: np.ndarray) -> bool:
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is the answer here, not a warning
-        return bool(np.isfinite(out.sum(dtype=np.float64)))
-
-
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A frame already turned into ``model``'s input tensor (on the capture thread, ahead of inference)."""
@@ -213,9 +208,9 @@ class LoadedModel:
         t2 = time.perf_counter()
         for out in outputs:
             # A model that produces NaN or nothing must count as failing (probation rolls it back).
-            # One float64 sum: NaN and infinities carry through, finite float32/16 values cannot overflow
-            # it, and it needs no temporary array the output's size (nor a second pass, as min + max do).
-            if out.size == 0 or (out.dtype.kind == "f" and not _finite_sum(out)):
+            # (isfinite().all() measured fastest: 4.5 us on BlazeFace's outputs, vs 7-11 us for min + max
+            # or a float64 sum.)
+            if out.size == 0 or (out.dtype.kind == "f" and not np.isfinite(out).all()):
                 raise FloatingPointError("model output has NaN/infinite values or is empty")
         results = self.decoder(outputs, geom)
         t3 = time.perf_counter()
