@@ -342,8 +342,11 @@ class Capture:
         while not self._stop.is_set():
             now = time.monotonic()
             if period and now < next_due:
-                # Live sources are drained while we wait, so the frame we keep is fresh, not buffered.
-                if not (self.source.live and self.source.skip()):
+                # Live sources are drained while we wait, so the frame we keep is fresh, not buffered;
+                # a file or test pattern just sleeps until its frame is due.
+                if not self.source.live:
+                    self._stop.wait(next_due - now)
+                elif not self.source.skip():
                     self._stop.wait(min(next_due - now, 0.05))
                 continue
             paced_by_consumer = not self.source.live and not period

@@ -240,7 +240,11 @@ class Agent:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            self._stop.wait(0.2 if not wd else min(0.2, wd / 2))
+            # Until ready, look often; then wake only for what is due (at most 1 s: SIGHUP's reload flag).
+            # A ping held back by a stalled frame loop is looked at again in 0.2 s, as before.
+            ping_due = (next_ping if next_ping > now else now + 0.2) if wd else now + 1.0
+            due = min(next_health, ping_due, now + 1.0)
+            self._stop.wait(0.05 if not ready else max(0.01, due - time.monotonic()))
         return self.shutdown()
 
     def _status_line(self) -> str:
