@@ -102,14 +102,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Broker:
-    def __init__(self, work: Path):
+class LocalBroker:
+    """A private mosquitto on a free port of 127.0.0.1, for the bench and the scripts in scripts/bench."""
+
+    def __init__(self, work: Path, extra_conf: str = ""):
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("bench needs mosquitto (apt-get install mosquitto) for the agent's MQTT publish")
         self.port = _free_port()
         conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n" + extra_conf
                         + ("user root\n" if os.geteuid() == 0 else ""))
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
@@ -126,7 +128,7 @@ class _Broker:
 
 
 def run_agent(model_path: Path, threads: int, seconds: float, source: str, fps: float, work: Path,
-              broker: _Broker, label: str) -> dict:
+              broker: LocalBroker, label: str) -> dict:
     """The daemon on ``model_path``; returns rates and latencies seen by a subscriber."""
     import paho.mqtt.client as paho
     import yaml
@@ -197,7 +199,7 @@ def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: st
 
     threads = inference_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
-    broker = _Broker(work)
+    broker = LocalBroker(work)
     try:
         b = run_bare(model_path, threads, seconds)
         _done("bare interpreter", f"{b['fps']:.1f} fps")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 GROUP = "fleet"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(first: int, count: int, url: str, workdir: Path, fps: float) -> None:
@@ -91,13 +83,10 @@ def main() -> None:
     from paho.mqtt.enums import CallbackAPIVersion
 
     work = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n"
-                    "max_queued_messages 10000\n" + ("user root\n" if os.geteuid() == 0 else ""))
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    from agent.bench import LocalBroker
+
+    broker = LocalBroker(work, extra_conf="sys_interval 1\nmax_queued_messages 10000\n")
+    port = broker.port
     url = f"mqtt://127.0.0.1:{port}"
     online: set[str] = set()
     sys_counters: dict[str, float] = {}
@@ -135,7 +124,7 @@ def main() -> None:
         print(f"\r{args.devices} devices online after {time.monotonic() - t0:.0f} s", file=sys.stderr)
         time.sleep(3)
         agents_mb = sum(rss_mb(w.pid) for w in workers)
-        broker_mb = rss_mb(broker.pid)
+        broker_mb = rss_mb(broker.proc.pid)
         r0, s0, m0 = (sys_counters.get("$SYS/broker/messages/received", 0),
                       sys_counters.get("$SYS/broker/messages/sent", 0), time.monotonic())
         cfg = work / "ctl.yaml"
@@ -165,7 +154,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 w.kill()
         mon.loop_stop()
-        broker.terminate()
+        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,13 +32,8 @@ from onnx import numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 MODELS = ROOT / "models" / "face"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_of_size(work: Path, mb: float, tag: str) -> Path:
@@ -77,13 +70,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.2,14", help="model sizes in MB")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deploy-timing-"))
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    + ("user root\n" if os.geteuid() == 0 else ""))
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    from agent.bench import LocalBroker
+
+    broker = LocalBroker(work)
+    port = broker.port
     cfg = {"device_id": "bench", "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
            "camera": {"source": "synthetic", "fps": args.fps}, "health": {"interval_s": 1},
            "deploy": {"probation_s": 0}, "state_dir": str(work / "state"),
@@ -158,7 +148,7 @@ def main() -> None:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
         sub.loop_stop()
-        broker.terminate()
+        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
