@@ -38,7 +38,7 @@ from agent.modelstore import ModelStore, StoredModel
 from agent.runtimes import detect_format
 from agent.threads import name_this_thread, nice_this_thread
 from agent.topics import Topics
-from agent.transfer import ChunkReceiver, TransferError, download_url
+from agent.transfer import ChunkReceiver, TransferError, TransferStopped, download_url
 from agent.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
 
 log = logging.getLogger(__name__)
@@ -307,12 +307,10 @@ class Deployer:
 
         try:
             download_url(m.source.url, dest, spec.size, progress=progress, stop=self._abort)
-        except TransferError as exc:
-            if str(exc) == "stopped":
-                if self._stop.is_set():
-                    raise Interrupted from None
-                raise TransferError("superseded by a newer deployment") from None
-            raise
+        except TransferStopped:
+            if self._stop.is_set():
+                raise Interrupted from None
+            raise TransferError("superseded by a newer deployment") from None
         return dest
 
     def _verify(self, staged: Path, m: DeploymentManifest) -> None:

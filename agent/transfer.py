@@ -19,6 +19,10 @@ class TransferError(RuntimeError):
     """Download failed; the message says why."""
 
 
+class TransferStopped(TransferError):
+    """The caller's stop event was set mid-download (what is on disk is kept, to resume from)."""
+
+
 class ChunkReceiver:
     """Writes chunks to ``<staging>/<id>.part`` as they come; which ones arrived is kept in ``<id>.have``.
 
@@ -129,7 +133,7 @@ def download_url(url: str, dest: Path, size: int, *, progress: Callable[[float],
             got = have
             while chunk := resp.read(256 * 1024):
                 if stop is not None and stop.is_set():
-                    raise TransferError("stopped")
+                    raise TransferStopped("stopped")
                 got += len(chunk)
                 if got > size:
                     raise TransferError(f"{url}: more than the manifest's {size} bytes")
