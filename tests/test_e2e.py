@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -140,6 +141,25 @@ def test_agent_ctl_reports_an_unreachable_broker_with_exit_1(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 1
     assert "cannot reach the broker" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_ctl_bench_measures_bare_and_agent_side_by_side():
+    r = subprocess.run([sys.executable, "-m", "agent.ctl", "bench", str(MODELS / "blazeface.tflite"),
+                        "--seconds", "2", "--threads", "1", "--json"],  # 2 s: health (1 s) lands inside
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["backend"] == "tflite" and res["threads"] == 1
+    assert res["bare_fps"] > 0 and res["agent_fps"] > 0
+    assert res["ratio"] == pytest.approx(res["agent_fps"] / res["bare_fps"])
+    assert res["overhead_ms_per_frame"] == pytest.approx(1000 / res["agent_fps"] - 1000 / res["bare_fps"])
+    # at 15 fps the subscriber saw the predictions after their frames were captured
+    assert 0 < res["e2e_p50_ms_15fps"] <= res["e2e_p99_ms_15fps"]
+    assert res["bare_rss_mb"] > 0 and res["agent_rss_mb"] > 0 and res["cpu_percent_15fps"] > 0
+
+    missing = subprocess.run([sys.executable, "-m", "agent.ctl", "bench", "no-such-model.tflite"],
+                             capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert missing.returncode == 2 and "model file not found" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_mqtt_3_1_1_works_too_last_will_included(broker, recorder_factory, agent_factory, tmp_path):
