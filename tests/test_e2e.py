@@ -156,10 +156,40 @@ def test_agent_ctl_bench_measures_bare_and_agent_side_by_side():
     # at 15 fps the subscriber saw the predictions after their frames were captured
     assert 0 < res["e2e_p50_ms_15fps"] <= res["e2e_p99_ms_15fps"]
     assert res["bare_rss_mb"] > 0 and res["agent_rss_mb"] > 0 and res["cpu_percent_15fps"] > 0
+    # full rate: bare and agent took turns, one 1 s slice each per second asked for
+    assert res["slices"] == 2 and res["agent_inference_p50_ms"] > 0 and res["bare_p50_ms"] > 0
 
     missing = subprocess.run([sys.executable, "-m", "agent.ctl", "bench", "no-such-model.tflite"],
                              capture_output=True, text=True, cwd=REPO, timeout=30)
     assert missing.returncode == 2 and "model file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_bench_bulk_subscriber_parses_what_paho_published(broker):
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.bench import BulkSubscriber
+
+    pub = paho.Client(CallbackAPIVersion.VERSION2)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    pub.publish("b/health", b"old", retain=True).wait_for_publish(5)  # retained before: not this run's
+    sub = BulkSubscriber(broker.port, ["b/predictions", "b/health"])
+    try:
+        sizes = [1, 127, 128, 300, 16383, 16384, 70000]  # 1-, 2- and 3-byte remaining lengths
+        for n in sizes:
+            pub.publish("b/predictions", bytes([n % 251]) * n).wait_for_publish(5)
+        pub.publish("b/other", b"not subscribed").wait_for_publish(5)
+        pub.publish("b/health", b"new").wait_for_publish(5)
+        got = wait_until(lambda: m if len(m := sub.messages()) == len(sizes) + 1 else None, 10,
+                         what="every message parsed")
+    finally:
+        sub.close()
+        pub.publish("b/health", b"", retain=True).wait_for_publish(5)
+        pub.loop_stop()
+    assert [(t, len(p)) for _, t, p in got] == [("b/predictions", n) for n in sizes] + [("b/health", 3)]
+    assert all(p == bytes([n % 251]) * n for (_, _, p), n in zip(got, sizes))
+    assert got[-1][2] == b"new" and all(abs(a - time.time()) < 10 for a, _, _ in got)
 
 
 def test_mqtt_3_1_1_works_too_last_will_included(broker, recorder_factory, agent_factory, tmp_path):
