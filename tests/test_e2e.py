@@ -188,7 +188,7 @@ def test_bench_bulk_subscriber_parses_what_paho_published(broker):
         pub.publish("b/health", b"", retain=True).wait_for_publish(5)
         pub.loop_stop()
     assert [(t, len(p)) for _, t, p in got] == [("b/predictions", n) for n in sizes] + [("b/health", 3)]
-    assert all(p == bytes([n % 251]) * n for (_, _, p), n in zip(got, sizes))
+    assert all(p == bytes([n % 251]) * n for (_, _, p), n in zip(got, sizes, strict=False))
     assert got[-1][2] == b"new" and all(abs(a - time.time()) < 10 for a, _, _ in got)
 
 
