@@ -10,7 +10,6 @@ latency and CPU.
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import shutil
@@ -188,6 +187,9 @@ class BulkSubscriber:
             raise RuntimeError("the bench's broker refused the subscription")
         self.sock.setblocking(False)
         self.chunks: list[tuple[float, bytes]] = []  # list.append is atomic
+        self._taken = 0  # chunks parsed so far
+        self._buf = bytearray()  # what is left of them: the start of a message not all here yet
+        self._parsed: list[tuple[float, str, bytes]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sub", daemon=True)
         self._thread.start()
@@ -217,32 +219,36 @@ class BulkSubscriber:
                 last_ping = time.monotonic()
 
     def messages(self) -> list[tuple[float, str, bytes]]:
-        """(arrival, topic, payload) of every PUBLISH so far (arrival to within TICK_S)."""
-        out = []
-        buf, times, pos = bytearray(), [], 0
-        for t, data in list(self.chunks):
-            times.append((len(buf), t))
-            buf += data
-        marks = [m for m, _ in times]
+        """(arrival, topic, payload) of every PUBLISH so far (arrival to within TICK_S).
+
+        Parses only what came since the last call (call it from one thread).
+        """
+        while self._taken < len(self.chunks):
+            arrival, data = self.chunks[self._taken]
+            self._taken += 1
+            self._buf += data
+            self._parse(arrival)
+        return list(self._parsed)
+
+    def _parse(self, arrival: float) -> None:
+        buf, pos = self._buf, 0
         while pos + 2 <= len(buf):
-            kind = buf[pos] >> 4
-            length, shift, i = 0, 0, pos + 1
-            while True:
-                if i >= len(buf):
-                    return out
+            length, shift, i = 0, 0, pos + 1  # remaining length: 1-4 bytes, 7 bits each
+            while i < len(buf):
                 length |= (buf[i] & 0x7F) << shift
                 shift += 7
                 i += 1
                 if not buf[i - 1] & 0x80:
                     break
+            else:
+                break  # the length itself is not all here yet
             if i + length > len(buf):
-                return out
-            if kind == 3 and not buf[pos] & 0x01:  # PUBLISH at QoS 0 and not a retained copy: topic, payload
+                break
+            if buf[pos] >> 4 == 3 and not buf[pos] & 0x01:  # PUBLISH at QoS 0, not a retained copy
                 tlen = int.from_bytes(buf[i:i + 2], "big")
-                arrival = times[max(0, bisect.bisect_right(marks, pos) - 1)][1]
-                out.append((arrival, buf[i + 2:i + 2 + tlen].decode(), bytes(buf[i + 2 + tlen:i + length])))
+                self._parsed.append((arrival, buf[i + 2:i + 2 + tlen].decode(), bytes(buf[i + 2 + tlen:i + length])))
             pos = i + length
-        return out
+        del buf[:pos]
 
     def close(self) -> None:
         self._stop.set()
@@ -379,11 +385,12 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
         inside |= (starts >= a) & (ends <= z)
     bare_ms = np.asarray(b["durations"])[inside] * 1e3
     agent_in = [p for _, p in preds if any(a <= p["ts"] <= z for a, z in windows["agent"])]
+    made = [p["ts"] for _, p in preds]
     return {
         "bare_fps": _in_windows(ends, windows["bare"]) / span["bare"],
-        "agent_fps": _in_windows([p["ts"] for _, p in preds], windows["agent"]) / span["agent"],
+        "agent_fps": _in_windows(made, windows["agent"]) / span["agent"],
         "slices": n, "bare_slice_fps": [_in_windows(ends, [w]) / (w[1] - w[0]) for w in windows["bare"]],
-        "agent_slice_fps": [_in_windows([p["ts"] for _, p in preds], [w]) / (w[1] - w[0]) for w in windows["agent"]],
+        "agent_slice_fps": [_in_windows(made, [w]) / (w[1] - w[0]) for w in windows["agent"]],
         "bare_p50_ms": _pct(list(bare_ms), 50), "bare_p99_ms": _pct(list(bare_ms), 99),
         "agent_inference_p50_ms": _pct([p["latency_ms"]["inference"] for p in agent_in], 50),
         "bare_rss_mb": b["rss_mb"], "agent_rss_mb": max((h["rss_mb"] for h in health), default=0.0),
@@ -435,6 +442,7 @@ def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: st
         "model": str(model_path), "threads": threads, "backend": full["backend"], "accelerator": full["accelerator"],
         "bare_fps": full["bare_fps"], "agent_fps": full["agent_fps"], "ratio": full["agent_fps"] / full["bare_fps"],
         "overhead_ms_per_frame": 1000 / full["agent_fps"] - 1000 / full["bare_fps"], "slices": full["slices"],
+        "bare_slice_fps": full["bare_slice_fps"], "agent_slice_fps": full["agent_slice_fps"],
         "bare_p50_ms": full["bare_p50_ms"], "bare_p99_ms": full["bare_p99_ms"],
         "agent_inference_p50_ms": full["agent_inference_p50_ms"],
         "e2e_p50_ms_15fps": slow["e2e_p50_ms"], "e2e_p99_ms_15fps": slow["e2e_p99_ms"],

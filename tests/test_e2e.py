@@ -158,6 +158,8 @@ def test_agent_ctl_bench_measures_bare_and_agent_side_by_side():
     assert res["bare_rss_mb"] > 0 and res["agent_rss_mb"] > 0 and res["cpu_percent_15fps"] > 0
     # full rate: bare and agent took turns, one 1 s slice each per second asked for
     assert res["slices"] == 2 and res["agent_inference_p50_ms"] > 0 and res["bare_p50_ms"] > 0
+    assert len(res["bare_slice_fps"]) == len(res["agent_slice_fps"]) == 2
+    assert min(res["agent_slice_fps"]) > 0 and min(res["bare_slice_fps"]) > 0
 
     missing = subprocess.run([sys.executable, "-m", "agent.ctl", "bench", "no-such-model.tflite"],
                              capture_output=True, text=True, cwd=REPO, timeout=30)
