@@ -58,11 +58,13 @@ class PredictionPublisher:
             pred = self._q.get()
             if pred is None:
                 return
-            if pred.ts - prev_ts < LINGER_BELOW_S:
+            interval = pred.ts - prev_ts
+            if interval < LINGER_BELOW_S:
                 # Predictions are being made faster than every 5 ms: gather LINGER_S of them and send
                 # them together, so the MQTT thread wakes once per batch instead of once per frame.
-                # At camera rates (up to 200 fps) this never triggers and adds no latency.
-                time.sleep(LINGER_S)
+                # At camera rates (up to 200 fps) this never triggers and adds no latency. At very
+                # high rates the window shrinks so that a batch fills at most a quarter of the queue.
+                time.sleep(min(LINGER_S, max(interval, 0.0) * self._q.maxsize / 4))
             batch = [pred]
             while True:
                 try:

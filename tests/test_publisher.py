@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from conftest import Recorder, wait_until
@@ -60,3 +61,27 @@ def test_camera_rate_predictions_are_sent_one_by_one_without_waiting(broker):
     assert [m["seq"] for m in got] == list(range(1, 11))
     assert pub.batches == 10
     assert got[0]["model"]["name"] == "m" and got[0]["latency_ms"]["inference"] == 1.0
+
+
+def test_very_fast_predictions_are_not_dropped_while_a_batch_gathers(broker):
+    # 20 ms of predictions at ~18,000/s (a tiny model on a fast machine) would not fit the
+    # publisher's queue (256): the batch window must shrink with the rate instead of dropping.
+    from agent.bench import BulkSubscriber  # paho's subscriber would take the GIL from the publisher
+
+    sub = BulkSubscriber(broker.port, ["t/predictions"])
+    link, pub = _publisher(broker)
+    n = 2000
+    try:
+        t = time.time()
+        for seq in range(1, n + 1):
+            pub.submit(_pred(seq, t + seq * 0.00005))
+            if seq % 20 == 0:
+                time.sleep(0.001)
+        got = wait_until(lambda: m if len(m := sub.messages()) >= n - pub.dropped else None, 20,
+                         what="every prediction not dropped")
+    finally:
+        pub.stop()
+        link.stop()
+        sub.close()
+    assert pub.dropped == 0
+    assert [json.loads(p)["seq"] for _, _, p in got] == list(range(1, n + 1))
