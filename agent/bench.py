@@ -308,10 +308,14 @@ class AgentRun:
     def _messages(self) -> list[tuple[float, str, bytes]]:
         return self.bulk.messages() if self.bulk is not None else list(self._raw)
 
+    def predictions_seen(self) -> int:
+        """How many predictions the subscriber has received so far (nothing decoded)."""
+        return sum(topic.endswith("/predictions") for _, topic, _ in self._messages())
+
     def wait_started(self, warm_s: float = 2.0) -> None:
         """Until the first prediction arrives, then ``warm_s`` more (caches, threads, the first health)."""
         deadline = time.monotonic() + 60
-        while not any(topic.endswith("/predictions") for _, topic, _ in self._messages()):
+        while not self.predictions_seen():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the agent did not start: see {self.log}")
             time.sleep(0.1)

@@ -3,9 +3,9 @@
 
     python scripts/bench/cpu_budget.py MODEL [--threads 2] [--seconds 8]
 
-Runs the agent (synthetic 640x480 camera, no fps cap) against a private mosquitto with the bench's
-bulk subscriber, and reads utime + stime of every thread from /proc before and after a window. The
-agent names its threads (ea-frame-loop, ea-capture, ea-publisher, ea-mqtt, ...); a runtime's own
+Runs the agent as `agent-ctl bench` does at full rate (synthetic 640x480 camera, no fps cap, a
+private mosquitto, the bench's bulk subscriber), and reads utime + stime of every thread from /proc
+before and after a window. The agent names its threads (ea-frame-loop, ea-capture, ea-publisher, ea-mqtt, ...); a runtime's own
 worker threads keep the name of the thread that created them. Linux only.
 """
 
@@ -15,14 +15,10 @@ import argparse
 import collections
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -45,42 +41,34 @@ def thread_cpu(pid: int) -> collections.Counter:
 
 
 def main() -> None:
-    from agent.bench import BulkSubscriber, LocalBroker
+    from agent.bench import AgentRun, LocalBroker
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=8)
     args = ap.parse_args()
+    if not Path(args.model).is_file():
+        sys.exit(f"model file not found: {args.model}")
     work = Path(tempfile.mkdtemp(prefix="cpu-budget-"))
     broker = LocalBroker(work)
-    cfg = {"device_id": "budget", "mqtt": {"url": f"mqtt://127.0.0.1:{broker.port}"},
-           "camera": {"source": "synthetic", "fps": 0, "width": 640, "height": 480},
-           "model": {"path": str(Path(args.model).resolve())}, "runtime": {"threads": args.threads},
-           "state_dir": str(work / "state"), "log_level": "warning"}
-    (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
-    sub = BulkSubscriber(broker.port, ["edge/budget/predictions"])
-    agent = subprocess.Popen([sys.executable, "-m", "agent.daemon", "--config", str(work / "agent.yaml")], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=open(work / "agent.log", "w"))
-    procs = {"agent": agent.pid, "mosquitto": broker.proc.pid, "subscriber": os.getpid()}
+    agent = None
     try:
-        deadline = time.monotonic() + 60
-        while len(sub.messages()) < 10:
-            if agent.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the agent did not start; see {work / 'agent.log'}")
-            time.sleep(0.1)
-        time.sleep(2)  # warm
+        agent = AgentRun(Path(args.model).resolve(), args.threads, "synthetic", 0, work, broker)
+        procs = {"agent": agent.proc.pid, "mosquitto": broker.proc.pid, "subscriber": os.getpid()}
+        agent.wait_started()
         before = {k: thread_cpu(pid) for k, pid in procs.items()}
-        n0, t0 = len(sub.messages()), time.monotonic()
+        n0, t0 = agent.predictions_seen(), time.monotonic()
         time.sleep(args.seconds)
         after = {k: thread_cpu(pid) for k, pid in procs.items()}
-        n1, t1 = len(sub.messages()), time.monotonic()
+        n1, t1 = agent.predictions_seen(), time.monotonic()
+    except RuntimeError as exc:  # the agent did not start: the message names its log, which is kept
+        sys.exit(str(exc))
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(10)
-        sub.close()
+        if agent is not None:
+            agent.stop()
         broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     frames = n1 - n0
     wall = (t1 - t0) * 1e3 / frames
     print(f"{Path(args.model).name}, {args.threads} threads: {frames / (t1 - t0):.0f} predictions/s, "
