@@ -317,7 +317,9 @@ class AgentRun:
         deadline = time.monotonic() + 60
         while not self.predictions_seen():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the agent did not start: see {self.log}")
+                lines = self.log.read_text(errors="replace").split("\n") if self.log.exists() else []
+                last = next((line for line in reversed(lines) if line.strip()), "no output")
+                raise RuntimeError(f"the agent did not start: {last} (whole log: {self.log})")
             time.sleep(0.1)
         time.sleep(warm_s)
 
@@ -441,7 +443,7 @@ def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: st
         _done("agent, 15 fps", f"{slow['cpu_percent']:.0f} % CPU, e2e p99 {slow['e2e_p99_ms']:.1f} ms")
     finally:
         broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # kept when something failed: the error names a log in it
     return {
         "model": str(model_path), "threads": threads, "backend": full["backend"], "accelerator": full["accelerator"],
         "bare_fps": full["bare_fps"], "agent_fps": full["agent_fps"], "ratio": full["agent_fps"] / full["bare_fps"],
