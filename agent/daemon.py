@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -320,6 +321,20 @@ def _writable(path: Path) -> bool:
         return False
 
 
+def freeze_startup_objects() -> int:
+    """Take what start-up made (modules, config, the first model) out of the garbage collector's sight.
+
+    A full collection walks every tracked object with the GIL held: ~53,000 here after start-up, 20-40 ms
+    on a 2-core VM, and the frame loop waits that long. Frozen, they are skipped; a full collection then
+    walks only what was made since (0.1 ms). Nothing frozen is lost: models are freed by reference
+    counting when a deploy replaces them (tested), and start-up garbage is collected first.
+    Returns how many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-agent", description="Run the edge-agent daemon in the foreground.")
     parser.add_argument("--config", type=Path, help="config file (default: $EDGE_AGENT_CONFIG, "
@@ -345,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    freeze_startup_objects()
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     signal.signal(signal.SIGHUP, lambda *_: agent._reload.set())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from conftest import ASTRONAUT_FACE, MODELS, astronaut
 
 from agent import probe
+from agent.daemon import freeze_startup_objects
 from agent.model import load_model, read_labels
 from agent.runtimes import ModelLoadError, detect_format
 from agent.runtimes.base import TensorSpec
@@ -69,6 +72,26 @@ def test_letterboxed_frame_maps_boxes_back_to_the_original_frame():
     x1, y1, x2, y2 = ASTRONAUT_FACE
     expected = ((x1 - 64 + 80) / 480, y1 / 320, (x2 - 64 + 80) / 480, y2 / 320)
     assert len(faces) == 1 and iou(faces[0].box, expected) > 0.75, (faces, expected)
+
+
+@pytest.mark.parametrize("model_file", ["blazeface.tflite", "blazeface.onnx"])
+def test_a_model_frozen_with_the_daemons_start_up_objects_is_freed_when_replaced(model_file):
+    # The daemon freezes what start-up made, its first model included (gc.freeze: a full collection then
+    # skips it instead of walking it with the GIL held). Frozen objects are never collected, so the
+    # first model must be freed by reference counting alone when a deploy replaces it: no cycles.
+    model = load_model(MODELS / model_file, choose)
+    model.infer(astronaut())
+    runtime = model.session.ort if model_file.endswith(".onnx") else model.session._interp
+    refs = {name: weakref.ref(obj) for name, obj in
+            (("model", model), ("session", model.session), ("runtime", runtime), ("decoder", model.decoder))}
+    del runtime
+    try:
+        assert freeze_startup_objects() > 1000
+        model.close()
+        del model
+        assert [name for name, ref in refs.items() if ref() is not None] == []
+    finally:
+        gc.unfreeze()
 
 
 def test_no_face_in_a_photo_without_one():
