@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import threading
 import weakref
 import zipfile
 from pathlib import Path
@@ -199,17 +200,43 @@ def test_tflite_falls_through_a_runtime_that_imports_but_cannot_build_an_interpr
 
 
 @pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop"])
-@pytest.mark.parametrize("shape", [(1, 96, 128, 3), (1, 3, 96, 128)])
-def test_fast_and_general_preprocessing_paths_give_the_same_tensor(resize, shape):
+@pytest.mark.parametrize("shape", [(1, 96, 128, 3), (1, 3, 96, 128), (1, 64, 64, 3), (1, 3, 64, 64)])
+@pytest.mark.parametrize("color", ["rgb", "bgr"])
+def test_fast_and_general_preprocessing_paths_give_the_same_tensor(resize, shape, color):
     frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    spec = PreprocessSpec(resize=resize, mean=(10, 20, 30), std=(2, 4, 8))
+    spec = PreprocessSpec(resize=resize, color=color, mean=(10, 20, 30), std=(2, 4, 8))
     fast = Preprocessor(TensorSpec("x", shape, np.dtype(np.float32)), spec)
     general = Preprocessor(TensorSpec("x", shape, np.dtype(np.float32)), spec)
-    general._blob = None
+    general._fast = False
     a, ga = fast(frame)
     b, gb = general(frame)
     assert ga == gb
     assert np.abs(a - b).max() < 1e-4
+    # written into a buffer the caller gives (a pooled tensor, the interpreter's own input)
+    out = np.full(fast.shape, np.nan, np.float32)
+    assert fast(frame, out)[0] is out and np.array_equal(out, a)
+
+
+def test_preprocessing_on_two_threads_at_once_gives_each_its_own_tensor():
+    # Right after a swap the frame loop may redo a frame while the capture thread prepares the next.
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(2)]
+    pre = Preprocessor(TensorSpec("x", (1, 3, 224, 224), np.dtype(np.float32)), PreprocessSpec(resize="letterbox"))
+    want = [pre(f)[0].copy() for f in frames]
+    bad = []
+
+    def work(i: int) -> None:
+        out = np.empty(pre.shape, np.float32)
+        for _ in range(200):
+            if not np.array_equal(pre(frames[i], out)[0], want[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
 
 
 def test_onnx_io_binding_gives_the_plain_run_values_in_buffers_it_reuses():
