@@ -38,7 +38,7 @@ test: $(VENV)/.test-deps $(LEGACY)/.deps
 	$(PY) -m pytest -q
 	@echo "--- the runtime tests again on tflite-runtime 2.14 + numpy<2 ($(LEGACY)) ---"
 	$(LEGACY)/bin/python -m pytest -q -p no:cacheprovider tests/test_vision.py tests/test_e2e.py \
-	  tests/test_probe.py tests/test_decoders.py
+	  tests/test_probe.py tests/test_decoders.py tests/test_pipeline.py
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check agent scripts tests

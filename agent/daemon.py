@@ -64,6 +64,7 @@ class Agent:
         self.publisher = PredictionPublisher(self.link, self.topics.predictions, cfg.mqtt.predictions_qos,
                                              durable=self.durable)
         self.pipeline = Pipeline(self.slot, self.model, self.publisher.submit)
+        self.publisher.finish = self.pipeline.finish  # outputs are decoded on the publisher's thread
         self.capture.prepare = self.pipeline.prepare
         self.deployer = Deployer(cfg, topics=self.topics, publish=self._publish_event, store=self.store,
                                  load=lambda path: self._load(path), activate=self._swap,

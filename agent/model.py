@@ -141,6 +141,26 @@ def make_decoder(task: str, session: Session, labels: tuple[str, ...], settings:
     return lambda outs, geom: d.decode_raw(outs, specs)
 
 
+# Outputs up to this size are copied and decoded off the frame loop; larger ones (YOLO at 640: 2.7 MB)
+# are decoded on it, so frames waiting for the publisher never hold hundreds of megabytes.
+HAND_OFF_MAX_BYTES = 256 * 1024
+
+
+@dataclass(slots=True, eq=False)
+class Inferred:
+    """One frame through the runtime, not yet decoded: what the frame loop hands on."""
+
+    model: LoadedModel
+    outputs: list[np.ndarray]
+    geom: Geometry
+    preprocess_ms: float
+    inference_ms: float
+    results: list[Result] | None = None  # set when decoded on the frame loop (outputs too large to hand on)
+    postprocess_ms: float = 0.0
+    ts: float = 0.0  # when inference finished (Unix seconds)
+    frame_ts: float = 0.0  # when the frame was captured
+
+
 @dataclass
 class Timings:
     preprocess: float
@@ -166,6 +186,7 @@ class LoadedModel:
         self.decoder = decoder
         # Write straight into the TFLite interpreter's input buffer when it offers one.
         self._input_view = getattr(session, "input_view", None) if len(session.inputs) == 1 else None
+        self._reuses_outputs = getattr(session, "reuses_outputs", False)
 
     def run_raw(self, frame: np.ndarray) -> tuple[list[np.ndarray], Geometry]:
         """Preprocess and run, returning the raw outputs (for validation and golden data)."""
@@ -182,7 +203,13 @@ class LoadedModel:
     def release(self, prepared: Prepared) -> None:
         self.preprocessor.pool.put(prepared.tensor)
 
-    def infer(self, frame: np.ndarray, prepared: Prepared | None = None) -> tuple[list[Result], Timings]:
+    def run(self, frame: np.ndarray, prepared: Prepared | None = None, *, hand_off: bool = False) -> Inferred:
+        """Preprocess (unless ``prepared``) and run the runtime; ``decode`` then checks and decodes the outputs.
+
+        With ``hand_off`` the outputs are the caller's to keep while the runtime goes on to the next
+        frame (copied out of buffers the runtime reuses), so another thread can decode them; outputs
+        over ``HAND_OFF_MAX_BYTES`` are decoded here instead (``results`` is then set).
+        """
         t0 = time.perf_counter()
         pre_ms = None
         if prepared is not None and prepared.model is not self:
@@ -206,16 +233,36 @@ class LoadedModel:
             t1 = time.perf_counter()
             outputs = self.session.run([tensor])
         t2 = time.perf_counter()
-        for out in outputs:
-            # A model that produces NaN or nothing must count as failing (probation rolls it back).
-            # (isfinite().all() measured fastest: 4.5 us on BlazeFace's outputs, vs 7-11 us for min + max
-            # or a float64 sum.)
+        done = Inferred(self, outputs, geom, pre_ms if pre_ms is not None else (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        if hand_off:
+            if sum(out.nbytes for out in outputs) > HAND_OFF_MAX_BYTES:
+                done.results, done.postprocess_ms = self.decode(done)
+            elif self._reuses_outputs:
+                done.outputs = [out.copy() for out in outputs]
+        return done
+
+    def decode(self, done: Inferred) -> tuple[list[Result], float]:
+        """Check one run's outputs and decode them: the results and the milliseconds it took.
+
+        Raises FloatingPointError for NaN, infinite or empty outputs: a model that produces them
+        counts as failing (probation rolls it back).
+        """
+        if done.results is not None:
+            return done.results, done.postprocess_ms
+        t0 = time.perf_counter()
+        for out in done.outputs:
+            # isfinite().all() measured fastest: 4.5 us on BlazeFace's outputs, vs 7-11 us for min + max
+            # or a float64 sum.
             if out.size == 0 or (out.dtype.kind == "f" and not np.isfinite(out).all()):
                 raise FloatingPointError("model output has NaN/infinite values or is empty")
-        results = self.decoder(outputs, geom)
-        t3 = time.perf_counter()
-        return results, Timings(pre_ms if pre_ms is not None else (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                                (t3 - t2) * 1e3)
+        results = self.decoder(done.outputs, done.geom)
+        return results, (time.perf_counter() - t0) * 1e3
+
+    def infer(self, frame: np.ndarray, prepared: Prepared | None = None) -> tuple[list[Result], Timings]:
+        """Preprocess, run and decode one frame, all on the calling thread."""
+        done = self.run(frame, prepared)
+        results, post_ms = self.decode(done)
+        return results, Timings(done.preprocess_ms, done.inference_ms, post_ms)
 
     def close(self) -> None:
         self.session.close()

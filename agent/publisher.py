@@ -1,4 +1,4 @@
-"""Predictions to MQTT: JSON-encoded and published on their own thread, off the frame loop."""
+"""Predictions to MQTT: decoded, JSON-encoded and published on their own thread, off the frame loop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from agent.mqtt import MqttLink
 from agent.pipeline import Prediction
@@ -23,20 +25,27 @@ def dumps(obj: dict) -> bytes:
 
 
 class PredictionPublisher:
-    """JSON-encodes and publishes predictions on its own thread, off the frame loop."""
+    """JSON-encodes and publishes predictions on its own thread, off the frame loop.
 
-    def __init__(self, link: MqttLink, topic: str, qos: int, maxsize: int = 256, durable=None):
+    What is submitted goes through ``finish`` first when one is set (the daemon sets
+    ``Pipeline.finish``: the frame loop submits raw outputs, decoded here); ``finish`` returning None
+    means there is nothing to publish for that item. Items need a ``ts`` (when they were made).
+    """
+
+    def __init__(self, link: MqttLink, topic: str, qos: int, maxsize: int = 256, durable=None,
+                 finish: Callable[[Any], Prediction | None] | None = None):
         self.link, self.topic, self.qos = link, topic, qos
         self.durable = durable
+        self.finish = finish
         self.dropped = 0
         self.batches = 0  # sends of one or more predictions (health shows nothing of it; tests read it)
-        self._q: queue.Queue[Prediction | None] = queue.Queue(maxsize)
+        self._q: queue.Queue[Any] = queue.Queue(maxsize)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, pred: Prediction) -> None:
+    def submit(self, pred: Any) -> None:
         try:
             self._q.put_nowait(pred)
         except queue.Full:  # the link is stuck: keep the newest, count the loss
@@ -79,9 +88,13 @@ class PredictionPublisher:
             self.batches += 1
             self._send(batch)
 
-    def _send(self, batch: list[Prediction]) -> None:
-        for pred in batch:
+    def _send(self, batch: list[Any]) -> None:
+        finish = self.finish
+        for item in batch:
             try:
+                pred = finish(item) if finish is not None else item
+                if pred is None:
+                    continue
                 payload = dumps(pred.to_json())
                 if self.qos and self.durable is not None:
                     self.durable.submit(self.topic, payload, qos=self.qos)

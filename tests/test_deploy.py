@@ -209,7 +209,8 @@ def test_rollback_by_command_restores_the_previous_model(device, tmp_path):
     r = ctl(agent.config_path, "rollback")
     assert r.returncode == 0 and "rolled back to blazeface-short-range 1.0.0" in r.stdout, r.stderr
     rec.wait_json("/predictions", lambda p: p["model"]["version"] == "1.0.0" and p["seq"] > 0, count=3)
-    assert rec.wait_json("/status")[-1]["model"]["version"] == "1.0.0"
+    # status goes through the outbox (QoS 1), so the first predictions of 1.0.0 can arrive before it
+    wait_until(lambda: rec.json("/status")[-1]["model"]["version"] == "1.0.0", 20, what="status 1.0.0")
     assert any(e["state"] == "rolled_back" for e in rec.json("/events"))
     assert "* blazeface-short-range 1.0.0" in ctl(agent.config_path, "models").stdout
 

@@ -53,6 +53,7 @@ class Session(Protocol):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     metadata: dict[str, str]
+    reuses_outputs: bool  # run() writes into the same output arrays every time (keep a copy to keep them)
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
 

@@ -120,6 +120,7 @@ class OnnxSession:
         self._in_names = [a.name for a in sess.get_inputs()]
         self.metadata = dict(sess.get_modelmeta().custom_metadata_map)
         self._binding, self._out_bufs = self._bind_outputs(sess) if active[0] == "CPUExecutionProvider" else (None, [])
+        self.reuses_outputs = self._binding is not None  # run() returns the same arrays every time
 
     @property
     def ort(self):

@@ -114,6 +114,7 @@ class TFLiteSession:
         self._out_idx = [d["index"] for d in interp.get_output_details()]
         self.inputs = tuple(_spec(d) for d in interp.get_input_details())
         self.outputs = tuple(_spec(d) for d in interp.get_output_details())
+        self.reuses_outputs = False  # get_tensor() returns a copy
         labels = embedded_labels(path)
         self.metadata: dict[str, str] = {"labels": "\n".join(labels)} if labels else {}
 
