@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -84,13 +85,17 @@ def test_swap_tflite_to_onnx_and_back_drops_no_frame_and_skips_no_seq(device, tm
     assert health["frames_dropped"] == 0
     # Only the deployer runs niced: the runtime threads a loaded model brought (ORT's pool, XNNPACK's)
     # serve every frame from now on and must not have inherited the deployer's low priority.
-    niced = {}
+    # Nor the warm-up's SCHED_IDLE (policy 5): that thread ends with the warm-up.
+    niced, idle = {}, {}
     for task in Path(f"/proc/{agent.proc.pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        nice = int(stat.rsplit(")", 1)[1].split()[16])
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        nice, policy = int(fields[16]), int(fields[38])
         if nice:
             niced[task.name] = ((task / "comm").read_text().strip(), nice)
+        if policy == os.SCHED_IDLE:
+            idle[task.name] = (task / "comm").read_text().strip()
     assert [name for name, _ in niced.values()] == ["ea-deployer"], niced
+    assert idle == {}, idle
 
 
 def test_bad_deployments_are_refused_while_the_old_model_keeps_serving(device, tmp_path, broker):

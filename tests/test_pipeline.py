@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 
 import numpy as np
 import pytest
-from conftest import ASTRONAUT_FACE, MODELS, astronaut
+from conftest import ASTRONAUT_FACE, MODELS, astronaut, wait_until
 
 from agent import model as model_mod
 from agent import probe
 from agent.camera import Frame, FrameSlot
 from agent.model import Inferred, load_model
 from agent.pipeline import Pipeline
+from agent.runtimes import ModelLoadError, open_session, warm_up
 
 
 def choose(fmt: str) -> probe.RuntimeChoice:
@@ -78,3 +80,49 @@ def test_the_frame_loop_hands_each_frame_on_with_its_capture_time():
     x1, y1, x2, y2 = (v * s for v, s in zip(box, (640, 480, 640, 480), strict=True))
     assert abs(x1 - ASTRONAUT_FACE[0]) < 20 and abs(y2 - ASTRONAUT_FACE[3]) < 20
     assert pipe.stats.processed == 3 and len(pipe.stats.total_ms) == 3
+
+
+@pytest.mark.parametrize("model_file", ["blazeface.onnx", "blazeface.tflite"])
+def test_warm_up_runs_at_idle_priority_on_a_thread_of_its_own(model_file):
+    session = open_session(MODELS / model_file, choose(model_file.rsplit(".", 1)[1]), threads=2, warmup=False)
+    real, seen = session.run, []
+
+    def run(inputs):
+        seen.append((os.sched_getscheduler(0), inputs[0].shape, float(inputs[0].max())))
+        return real(inputs)
+
+    session.run = run
+    warm_up(session, 2)
+    assert seen == [(os.SCHED_IDLE, session.inputs[0].shape, 0.0)] * 2
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+    # nothing the warm-up touched stays idle: ORT's pool threads were made at load, by the loader,
+    # and the warm-up's own thread is gone (a moment after join() returns)
+    def idle_threads() -> list[int]:
+        return [t for t in map(int, os.listdir("/proc/self/task")) if _policy(t) == os.SCHED_IDLE]
+
+    wait_until(lambda: not idle_threads(), 2, what="no SCHED_IDLE thread left")
+    session.run([np.zeros(session.inputs[0].shape, np.float32)])  # the runtime's threads all at work
+    assert idle_threads() == []
+
+
+def _policy(tid: int) -> int | None:
+    try:
+        return os.sched_getscheduler(tid)
+    except OSError:  # the thread ended between listing and asking
+        return None
+
+
+def test_a_model_that_fails_its_warm_up_does_not_load(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # Reshape to a shape the input cannot take: it loads, and fails on its first run.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, 5])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    with pytest.raises(ModelLoadError, match="warm-up inference failed"):
+        open_session(path, choose("onnx"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,38 @@ def detect_format(path: str | Path) -> ModelFormat:
     raise ValueError(f"{path}: not a TFLite (.tflite) or ONNX (.onnx) model (first bytes {head[:8].hex()})")
 
 
+def warm_up(session: Session, runs: int) -> None:
+    """Run ``session`` on zeros ``runs`` times, from a thread that yields every core to the rest of the process.
+
+    A fresh session's first runs still grow arenas and wake thread pools (ORT MobileNetV2: 3x then
+    1.4x the steady time), and that must happen here, not on the first frames after a hot swap. But
+    during a hot swap the live model is using the cores: warm-up runs at normal priority slowed its
+    frames to about half speed for their duration. Under SCHED_IDLE the calling thread (which does
+    the sequential parts and hands out the parallel ones) runs only on a core nothing else wants,
+    and a live thread that wakes takes the core back at once; the thread ends with the warm-up, so
+    nothing after it inherits the policy. Where SCHED_IDLE is missing the runs happen all the same.
+    """
+    zeros = [np.zeros(tuple(max(d, 1) for d in s.shape), s.dtype) for s in session.inputs]
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        try:
+            for _ in range(runs):
+                session.run(zeros)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            failed.append(exc)
+
+    t = threading.Thread(target=work, name="ea-warm-up", daemon=True)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+
+
 def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path | None = None,
                  model_sha256: str = "", warmup: bool = True) -> Session:
     """Load ``path`` on the backend the probe chose, then run one warm-up inference on zeros."""
@@ -65,13 +98,8 @@ def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path 
         session = OnnxSession(path, providers=tuple(choice.providers) or ("CPUExecutionProvider",),
                               threads=threads, cache_dir=cache_dir, model_sha256=model_sha256)
     if warmup:
-        zeros = [np.zeros(tuple(max(d, 1) for d in s.shape), s.dtype) for s in session.inputs]
         try:
-            # Two runs, not one: a fresh session's first two runs still grow arenas and wake thread
-            # pools (ORT MobileNetV2: 3x then 1.4x the steady time), and that must happen here, not on
-            # the first frames after a hot swap. Not more: each one competes with the live frame loop.
-            for _ in range(WARMUP_RUNS):
-                session.run(zeros)
+            warm_up(session, WARMUP_RUNS)
         except Exception as exc:  # noqa: BLE001 - any runtime error here means the model can't serve
             session.close()
             raise ModelLoadError(f"{path}: warm-up inference failed ({exc})") from exc
