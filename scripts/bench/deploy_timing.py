@@ -6,8 +6,11 @@ Starts a private mosquitto and one agent (synthetic camera), then for each model
 predictions around the swap, frames dropped during the swap, and whether any seq was skipped.
 
     python scripts/bench/deploy_timing.py [--fps 15] [--runs 3] [--sizes 0.2,14]
+    python scripts/bench/deploy_timing.py --fps 0 --model bench-models/mobilenetv2_224.onnx
 
-fps 0 means full rate (the model as fast as it goes). Reports medians over --runs.
+fps 0 means full rate (the model as fast as it goes). Reports medians over --runs. By default the
+agent serves the bundled BlazeFace TFLite and is sent BlazeFace models of --sizes; with --model it
+serves that model and is sent a copy of it with one weight changed (a new model of the same size).
 """
 
 from __future__ import annotations
@@ -56,6 +59,29 @@ def model_of_size(work: Path, mb: float, tag: str) -> Path:
     return path
 
 
+def variant_of(work: Path, model: Path, tag: str) -> Path:
+    """``model`` with one weight nudged: a different file (so a real deploy and swap) of the same size and speed."""
+    d = work / tag
+    d.mkdir(parents=True)
+    path = d / model.name
+    if model.suffix == ".onnx":
+        m = onnx.load(str(model))
+        init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        arr = numpy_helper.to_array(init).copy()
+        arr.flat[len(tag)] += 1e-3
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(m, str(path))
+    else:  # a flatbuffer: change one byte of the largest buffer's tail, where weights live
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    for yml in (model.with_suffix(".yaml"), model.parent / "model.yaml"):
+        if yml.is_file():
+            (d / (path.stem + ".yaml")).write_text(yml.read_text())
+            break
+    return path
+
+
 def _largest_gap(stamps: list[float]) -> float:
     return max(b - a for a, b in zip(stamps, stamps[1:], strict=False)) * 1000
 
@@ -65,8 +91,12 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=15)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="0.2,14", help="model sizes in MB")
+    ap.add_argument("--model", type=Path, help="serve this model and deploy copies of it (instead of BlazeFace)")
     ap.add_argument("--verbose", action="store_true", help="print the intervals around each swap")
     args = ap.parse_args()
+    serving = args.model.resolve() if args.model else MODELS / "blazeface.tflite"
+    if not serving.is_file():
+        sys.exit(f"deploy_timing: model file not found: {serving}")
     work = Path(tempfile.mkdtemp(prefix="deploy-timing-"))
     from agent.bench import LocalBroker
 
@@ -75,7 +105,7 @@ def main() -> None:
     cfg = {"device_id": "bench", "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
            "camera": {"source": "synthetic", "fps": args.fps}, "health": {"interval_s": 1},
            "deploy": {"probation_s": 0}, "state_dir": str(work / "state"),
-           "model": {"path": str(MODELS / "blazeface.tflite")}}
+           "model": {"path": str(serving)}}
     cfg_path = work / "agent.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     agent = subprocess.Popen([sys.executable, "-m", "agent.daemon", "--config", str(cfg_path)], cwd=ROOT,
@@ -98,11 +128,12 @@ def main() -> None:
         while len(messages()[0]) < 20:
             time.sleep(0.1)
         rows = []
-        sizes = [float(s) for s in args.sizes.split(",")]
+        sizes = [round(serving.stat().st_size / 2**20, 1)] if args.model else [float(s) for s in args.sizes.split(",")]
         for mb in sizes:
             took, gaps, quiet_gaps, intervals, dropped, skipped = [], [], [], [], [], 0
             for run in range(args.runs):
-                model = model_of_size(work, mb, f"{mb}-{run}")
+                tag = f"{mb}-{run}"
+                model = variant_of(work, serving, tag) if args.model else model_of_size(work, mb, tag)
                 time.sleep(1.5)  # a quiet stretch before the deploy: the machine's own gaps, for comparison
                 preds, health = messages()
                 start_idx = len(preds)
