@@ -12,8 +12,10 @@ from typing import Literal
 import numpy as np
 
 from agent.runtimes.base import ModelLoadError, RuntimeUnavailable, Session, SessionInfo, TensorSpec
+from agent.threads import name_this_thread
 
-__all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "TensorSpec", "detect_format", "open_session"]
+__all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "TensorSpec", "detect_format", "open_session",
+           "warm_up"]
 
 log = logging.getLogger(__name__)
 ModelFormat = Literal["tflite", "onnx"]
@@ -65,6 +67,7 @@ def warm_up(session: Session, runs: int) -> None:
     failed: list[BaseException] = []
 
     def work() -> None:
+        name_this_thread("ea-warm-up")
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
@@ -84,7 +87,7 @@ def warm_up(session: Session, runs: int) -> None:
 
 def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path | None = None,
                  model_sha256: str = "", warmup: bool = True) -> Session:
-    """Load ``path`` on the backend the probe chose, then run one warm-up inference on zeros."""
+    """Load ``path`` on the backend the probe chose, then warm it up (``warm_up``, WARMUP_RUNS runs on zeros)."""
     t0 = time.perf_counter()
     session: Session
     if choice.backend == "tflite":
