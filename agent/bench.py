@@ -353,6 +353,27 @@ def _in_windows(times, windows: list[tuple[float, float]]) -> int:
     return int(sum(((arr >= a) & (arr <= b)).sum() for a, b in windows))
 
 
+def take_turns(procs: dict, turns: int, slice_s: float, label: str = "") -> dict[str, list[tuple[float, float]]]:
+    """Run paused processes one at a time, ``slice_s`` each, ``turns`` rounds in order ABBA….
+
+    Returns each one's windows (wall-clock start, end), less the first SETTLE_S of each: what a
+    process made inside its own windows is what counts, so a drifting machine slows all alike.
+    """
+    names = list(procs)
+    windows: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    for i in range(turns):
+        if label:
+            _progress(label, i * len(names) * slice_s, turns * len(names) * slice_s)
+        for name in names if i % 2 == 0 else names[::-1]:  # ABBA: a trend hits every process alike
+            procs[name].resume()
+            t0 = time.time()
+            time.sleep(slice_s)
+            t1 = time.time()
+            procs[name].pause()
+            windows[name].append((t0 + SETTLE_S, t1))
+    return windows
+
+
 def full_rate(model_path: Path, threads: int, seconds: float, source: str, work: Path, broker: LocalBroker) -> dict:
     """Bare loop and agent at full rate, taking turns in short slices (each paused while the other runs)."""
     n = max(2, round(seconds / SLICE_S))
@@ -364,17 +385,7 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
         agent = AgentRun(model_path, threads, source, 0, work, broker)
         agent.wait_started()
         agent.pause()
-        windows: dict[str, list[tuple[float, float]]] = {"bare": [], "agent": []}
-        procs = {"bare": bare, "agent": agent}
-        for i in range(n):
-            _progress("bare and agent, full rate", i * 2 * slice_s, n * 2 * slice_s)
-            for name in ("bare", "agent") if i % 2 == 0 else ("agent", "bare"):  # ABBA: a trend hits both alike
-                procs[name].resume()
-                t0 = time.time()
-                time.sleep(slice_s)
-                t1 = time.time()
-                procs[name].pause()
-                windows[name].append((t0 + SETTLE_S, t1))
+        windows = take_turns({"bare": bare, "agent": agent}, n, slice_s, "bare and agent, full rate")
         b = bare.finish()
         agent.resume()
         time.sleep(0.3)  # the last messages reach the subscriber

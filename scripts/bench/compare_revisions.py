@@ -45,17 +45,7 @@ def one_run(model: Path, trees: dict[str, Path], seconds: int, threads: int, wor
                 bench.ROOT = ROOT
             procs[name].wait_started()
             procs[name].pause()
-        names = list(procs)
-        windows: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
-        for i in range(seconds):
-            order = names[i % len(names):] + names[:i % len(names)]
-            for k in order if i % 2 == 0 else order[::-1]:
-                procs[k].resume()
-                t0 = time.time()
-                time.sleep(bench.SLICE_S)
-                t1 = time.time()
-                procs[k].pause()
-                windows[k].append((t0 + bench.SETTLE_S, t1))
+        windows = bench.take_turns(procs, seconds, bench.SLICE_S)
         fps = {"bare": bench._in_windows(procs["bare"].finish()["ends"], windows["bare"])
                / sum(b - a for a, b in windows["bare"])}
         for name in trees:
@@ -90,8 +80,11 @@ def main() -> None:
     threads = inference_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="compare-revisions-"))
     old = work / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against],
-                   check=True, capture_output=True)
+    made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        sys.exit(f"compare_revisions: cannot check out {args.against!r}: {made.stderr.strip()}")
     ratios: dict[str, list[float]] = {args.against: [], "working tree": []}
     try:
         for i in range(args.runs):
