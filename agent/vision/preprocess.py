@@ -105,6 +105,9 @@ class Preprocessor:
         self._alpha = alpha.astype(np.float32)[: lay.channels]
         self._beta = beta.astype(np.float32)[: lay.channels]
         self._fast = self.dtype == np.float32 and lay.channels == 3
+        # the fast path's per-channel scale and offset as OpenCV takes them, in the model's channel order
+        self._scale = tuple(float(a) for a in self._alpha)
+        self._offset = tuple(float(b) for b in self._beta)
         self._out = np.empty(self.shape, self.dtype)
         self.pool = TensorPool(self.shape, self.dtype)
         # Working buffers, one set per thread: the capture thread prepares frames while, right after a
@@ -156,18 +159,18 @@ class Preprocessor:
         for a 224x224 input, and the capture thread's time comes out of inference on a small machine.
         """
         rgb = self.pre.color == "rgb"
-        alpha, beta = self._alpha, self._beta
+        scale, offset = self._scale, self._offset
         if self.layout.nchw:
             planes = scratch.planes
             cv2.split(img, planes)
             for c in range(3):
                 src = planes[2 - c] if rgb else planes[c]
-                cv2.addWeighted(src, float(alpha[c]), src, 0.0, float(beta[c]), dst=dst[c], dtype=cv2.CV_32F)
+                cv2.addWeighted(src, scale[c], src, 0.0, offset[c], dst=dst[c], dtype=cv2.CV_32F)
             return
         if rgb:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=scratch.rgb)
-        cv2.multiply(img, (*map(float, alpha), 0.0), dst=dst, dtype=cv2.CV_32F)
-        cv2.add(dst, (*map(float, beta), 0.0), dst=dst)
+        cv2.multiply(img, (*scale, 0.0), dst=dst, dtype=cv2.CV_32F)
+        cv2.add(dst, (*offset, 0.0), dst=dst)
 
     def __call__(self, frame: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:
         """Preprocess ``frame`` (H, W, 3 BGR uint8) into ``out`` (e.g. the interpreter's own buffer)."""
