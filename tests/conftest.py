@@ -154,6 +154,13 @@ def recorder_factory() -> Iterator[Callable[..., Recorder]]:
         r.close()
 
 
+def choose(fmt: str):
+    """The runtime the probe picks on this machine for a model format (the loaders' ``choose``)."""
+    from agent import probe
+
+    return probe.choose_runtime(probe.probe(check_runtimes="first"), fmt)
+
+
 def astronaut() -> np.ndarray:
     import skimage
 

@@ -8,18 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ASTRONAUT_FACE, MODELS, astronaut, wait_until
+from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose, wait_until
 
 from agent import model as model_mod
-from agent import probe
 from agent.camera import Frame, FrameSlot
 from agent.model import Inferred, load_model
 from agent.pipeline import Pipeline
 from agent.runtimes import ModelLoadError, open_session, warm_up
-
-
-def choose(fmt: str) -> probe.RuntimeChoice:
-    return probe.choose_runtime(probe.probe(check_runtimes="first"), fmt)
 
 
 @pytest.mark.parametrize("model_file", ["blazeface.onnx", "blazeface.tflite"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ASTRONAUT_FACE, MODELS, astronaut
+from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose
 
 from agent import probe
 from agent.daemon import freeze_startup_objects
@@ -24,10 +24,6 @@ from agent.runtimes.tflite import TFLiteSession, embedded_labels
 from agent.vision.blazeface import anchors
 from agent.vision.geometry import Geometry
 from agent.vision.preprocess import Preprocessor, PreprocessSpec
-
-
-def choose(fmt: str) -> probe.RuntimeChoice:
-    return probe.choose_runtime(probe.probe(check_runtimes="first"), fmt)
 
 
 def iou(a, b) -> float:
