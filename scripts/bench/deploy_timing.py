@@ -10,7 +10,7 @@ predictions around the swap, frames dropped during the swap, and whether any seq
 
 fps 0 means full rate (the model as fast as it goes). Reports medians over --runs. By default the
 agent serves the bundled BlazeFace TFLite and is sent BlazeFace models of --sizes; with --model it
-serves that model and is sent a copy of it with one weight changed (a new model of the same size).
+serves that model and is sent a changed copy of it (a new model of the same size and speed).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def model_of_size(work: Path, mb: float, tag: str) -> Path:
 
 
 def variant_of(work: Path, model: Path, tag: str) -> Path:
-    """``model`` with one weight nudged: a different file (so a real deploy and swap) of the same size and speed."""
+    """A different file (so a real deploy and swap) with ``model``'s size and speed: ONNX with one weight
+    nudged, TFLite with a few bytes appended."""
     d = work / tag
     d.mkdir(parents=True)
     path = d / model.name
@@ -71,10 +72,8 @@ def variant_of(work: Path, model: Path, tag: str) -> Path:
         arr.flat[len(tag)] += 1e-3
         init.CopyFrom(numpy_helper.from_array(arr, init.name))
         onnx.save(m, str(path))
-    else:  # a flatbuffer: change one byte of the largest buffer's tail, where weights live
-        data = bytearray(model.read_bytes())
-        data[len(data) // 2] ^= 1
-        path.write_bytes(bytes(data))
+    else:  # TFLite reads the flatbuffer and ignores bytes after it (where metadata zips go): append some
+        path.write_bytes(model.read_bytes() + f"deploy_timing {tag}".encode().ljust(32))
     for yml in (model.with_suffix(".yaml"), model.parent / "model.yaml"):
         if yml.is_file():
             (d / (path.stem + ".yaml")).write_text(yml.read_text())
