@@ -86,3 +86,17 @@ def test_very_fast_predictions_are_not_dropped_while_a_batch_gathers(broker):
         got = received(n - pub.dropped)
     assert pub.dropped == 0
     assert [m["seq"] for m in got] == list(range(1, n + 1))
+
+
+def test_a_prediction_that_cannot_be_encoded_is_skipped_and_the_rest_of_its_batch_still_goes_out(broker):
+    # A NaN is refused by the JSON encoder; at full rate that prediction shares a batch with others.
+    bad = Prediction(3, "boot", 0.0, 0.0, INFO, "detection", Timings(0.1, float("nan"), 0.1), [])
+    with _publishing(broker) as (pub, received):
+        t = time.time()
+        for seq in range(1, 7):
+            pub.submit(bad if seq == 3 else _pred(seq, t + seq * 0.001))
+        got = received(5)
+        time.sleep(0.1)  # nothing else arrives
+        assert [m["seq"] for m in received(5)] == [1, 2, 4, 5, 6]
+    assert [m["seq"] for m in got] == [1, 2, 4, 5, 6]
+    assert pub.batches < 6, "sent one by one: the test did not exercise a batch"
