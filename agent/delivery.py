@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox, OutboxError
 from agent.threads import name_this_thread
 
 log = logging.getLogger(__name__)
+HEARD_KEEP_S = 1.0  # an early PUBACK is booked within milliseconds of its publish
 
 
 class DurableSender:
@@ -29,7 +31,10 @@ class DurableSender:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
-        self._early: set[int] = set()  # PUBACKs that beat the bookkeeping
+        # on_publish for mids not in flight: a PUBACK that beat the bookkeeping below, or (far more
+        # often) a QoS 0 message written, which paho reports too, numbered from the same counter.
+        self._heard: dict[int, float] = {}  # mid -> when it was heard (monotonic)
+        self._heard_order: deque[tuple[int, float]] = deque()
         self._after_id = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -77,7 +82,15 @@ class DurableSender:
         with self._lock:
             oid = self._inflight.pop(mid, None)
             if oid is None:
-                self._early.add(mid)
+                now = time.monotonic()
+                self._heard[mid] = now
+                self._heard_order.append((mid, now))
+                # What was heard more than a second ago can no longer be an early PUBACK: forget it,
+                # so QoS 0 traffic keeps this small.
+                while self._heard_order and self._heard_order[0][1] < now - HEARD_KEEP_S:
+                    old, t = self._heard_order.popleft()
+                    if self._heard.get(old) == t:
+                        del self._heard[old]
                 return
         self._ack(oid)
 
@@ -114,16 +127,16 @@ class DurableSender:
                     tokens = 1.0
                 if not self.link.connected or self._stop.is_set():
                     break
+                sent_at = time.monotonic()
                 info = self.link.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                 tokens -= 1
                 self._after_id = msg.id
                 with self._lock:
-                    if info.mid in self._early:
-                        self._early.discard(info.mid)
-                        early = True
-                    else:
+                    # Only what was heard since this publish began is its PUBACK: paho's mids wrap
+                    # after 65535, so an older entry is another message that had the same number.
+                    early = self._heard.pop(info.mid, 0.0) >= sent_at
+                    if not early:
                         self._inflight[info.mid] = msg.id
-                        early = False
                 if early:
                     self._ack(msg.id)
             if batch:

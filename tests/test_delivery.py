@@ -1,0 +1,42 @@
+"""The durable sender against a real mosquitto: a QoS 1 message leaves the outbox only on its PUBACK."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from conftest import wait_until
+
+from agent.config import MqttConfig
+from agent.delivery import DurableSender
+from agent.mqtt import MqttLink
+from agent.outbox import Outbox
+
+
+def test_qos0_traffic_never_stands_in_for_the_puback_of_a_later_qos1_message(broker, tmp_path: Path):
+    # paho numbers every publish from one counter that wraps after 65535, QoS 0 ones included, and
+    # calls on_publish for a QoS 0 message as soon as it is written. Predictions go out at QoS 0 by
+    # default, so after one round of the counter each new QoS 1 message reuses the number of a
+    # QoS 0 message whose "publish" was heard long ago: that must not count as its PUBACK.
+    link = MqttLink(MqttConfig(url=broker.url), "durable-test")
+    sender = DurableSender(link, Outbox(tmp_path / "outbox.db"))
+    link.start()
+    try:
+        assert link.wait_connected(5)
+        sender.start()
+        for _ in range(65535):
+            link.publish("t/predictions", b"{}", qos=0)
+        wait_until(lambda: not link.client.want_write(), 30, what="the QoS 0 messages written")
+        time.sleep(0.5)  # paho's thread has called on_publish for the last of them
+        broker.proc.send_signal(signal.SIGSTOP)  # takes the bytes, acknowledges nothing
+        try:
+            sender.submit("t/health", b'{"ok":true}', qos=1)
+            time.sleep(1.0)
+            assert sender.depth == 1, "a QoS 1 message left the outbox without a PUBACK"
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: sender.depth == 0, 10, what="the PUBACK removing it")
+    finally:
+        sender.stop(flush_s=0)
+        link.stop()
