@@ -212,9 +212,14 @@ class LoadedModel:
         """
         t0 = time.perf_counter()
         pre_ms = None
-        if prepared is not None and prepared.model is not self:
-            prepared.model.release(prepared)  # made for the model before a swap: do it again for this one
-            prepared = None
+        if prepared is not None and prepared.model is not self:  # made for the model before a swap
+            if self.preprocessor.feeds_like(prepared.model.preprocessor):
+                # A new version with the same input (the usual deploy): the tensor is this model's too,
+                # so the first frames after a swap are not preprocessed again on the frame loop.
+                prepared = Prepared(self, prepared.tensor, prepared.geom, prepared.ms)
+            else:
+                prepared.model.release(prepared)
+                prepared = None
         if prepared is not None:
             geom, pre_ms = prepared.geom, prepared.ms
             t1 = time.perf_counter()

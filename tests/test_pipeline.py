@@ -121,3 +121,26 @@ def test_a_model_that_fails_its_warm_up_does_not_load(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     with pytest.raises(ModelLoadError, match="warm-up inference failed"):
         open_session(path, choose("onnx"))
+
+
+def test_a_frame_prepared_before_a_swap_is_reused_only_when_the_new_model_takes_the_same_input(tmp_path):
+    old = load_model(MODELS / "blazeface.tflite", choose)
+    new_version = load_model(MODELS / "blazeface.tflite", choose)  # a deploy of the same model
+    (tmp_path / "blazeface.tflite").write_bytes((MODELS / "blazeface.tflite").read_bytes())
+    manifest = (MODELS / "model.yaml").read_text().replace("mean: [127.5, 127.5, 127.5]", "mean: [0, 0, 0]")
+    (tmp_path / "model.yaml").write_text(manifest)
+    other_input = load_model(tmp_path / "blazeface.tflite", choose)  # same file, other normalisation
+    face = astronaut()
+
+    prepared = old.prepare(face)
+    reused = new_version.run(face, prepared)
+    assert reused.preprocess_ms == prepared.ms  # not preprocessed again
+    fresh = new_version.run(face)
+    assert all(np.array_equal(a, b) for a, b in zip(reused.outputs, fresh.outputs, strict=True))
+
+    prepared = old.prepare(face)
+    redone = other_input.run(face, prepared)
+    assert redone.preprocess_ms != prepared.ms  # preprocessed again, for this model's input
+    mine = other_input.run(face)
+    assert all(np.array_equal(a, b) for a, b in zip(redone.outputs, mine.outputs, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(redone.outputs, fresh.outputs, strict=True))

@@ -114,6 +114,12 @@ class Preprocessor:
         # swap, the frame loop may redo one that was prepared for the old model.
         self._local = threading.local()
 
+    def feeds_like(self, other: Preprocessor) -> bool:
+        """Whether ``other`` makes the very tensor this one would from any frame (same input, same settings)."""
+        return (self.shape == other.shape and self.dtype == other.dtype and self.layout == other.layout
+                and self.pre == other.pre and np.array_equal(self._alpha, other._alpha)
+                and np.array_equal(self._beta, other._beta))
+
     def _scratch(self) -> _Scratch:
         try:
             return self._local.scratch
