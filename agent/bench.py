@@ -274,7 +274,8 @@ class AgentRun:
     the CPU the agent runs on.
     """
 
-    def __init__(self, model_path: Path, threads: int, source: str, fps: float, work: Path, broker: LocalBroker):
+    def __init__(self, model_path: Path, threads: int, source: str, fps: float, work: Path, broker: LocalBroker,
+                 *, root: Path = ROOT):
         import paho.mqtt.client as paho
         import yaml
         from paho.mqtt.enums import CallbackAPIVersion
@@ -302,7 +303,7 @@ class AgentRun:
             self.sub.loop_start()
         else:
             self.bulk = BulkSubscriber(broker.port, topics)
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.daemon", "--config", str(cfg_path)], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.daemon", "--config", str(cfg_path)], cwd=root,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
 
     def _messages(self) -> list[tuple[float, str, bytes]]:
@@ -353,6 +354,11 @@ def _in_windows(times, windows: list[tuple[float, float]]) -> int:
     return int(sum(((arr >= a) & (arr <= b)).sum() for a, b in windows))
 
 
+def rate_in(times, windows: list[tuple[float, float]]) -> float:
+    """Events per second of ``times`` that fall inside ``windows`` (their time, not the wall clock's)."""
+    return _in_windows(times, windows) / sum(z - a for a, z in windows)
+
+
 def take_turns(procs: dict, turns: int, slice_s: float, label: str = "") -> dict[str, list[tuple[float, float]]]:
     """Run paused processes one at a time, ``slice_s`` each, ``turns`` rounds in order ABBA….
 
@@ -394,7 +400,6 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
         bare.kill()
         if agent is not None:
             agent.stop()
-    span = {k: sum(b1 - a1 for a1, b1 in w) for k, w in windows.items()}
     ends = np.asarray(b["ends"])
     starts = ends - np.asarray(b["durations"])
     inside = np.zeros(len(ends), bool)
@@ -404,10 +409,10 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
     agent_in = [p for _, p in preds if any(a <= p["ts"] <= z for a, z in windows["agent"])]
     made = [p["ts"] for _, p in preds]
     return {
-        "bare_fps": _in_windows(ends, windows["bare"]) / span["bare"],
-        "agent_fps": _in_windows(made, windows["agent"]) / span["agent"],
-        "slices": n, "bare_slice_fps": [_in_windows(ends, [w]) / (w[1] - w[0]) for w in windows["bare"]],
-        "agent_slice_fps": [_in_windows(made, [w]) / (w[1] - w[0]) for w in windows["agent"]],
+        "bare_fps": rate_in(ends, windows["bare"]),
+        "agent_fps": rate_in(made, windows["agent"]),
+        "slices": n, "bare_slice_fps": [rate_in(ends, [w]) for w in windows["bare"]],
+        "agent_slice_fps": [rate_in(made, [w]) for w in windows["agent"]],
         "bare_p50_ms": _pct(list(bare_ms), 50), "bare_p99_ms": _pct(list(bare_ms), 99),
         "agent_inference_p50_ms": _pct([p["latency_ms"]["inference"] for p in agent_in], 50),
         "bare_rss_mb": b["rss_mb"], "agent_rss_mb": max((h["rss_mb"] for h in health), default=0.0),

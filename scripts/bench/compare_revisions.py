@@ -38,21 +38,16 @@ def one_run(model: Path, trees: dict[str, Path], seconds: int, threads: int, wor
             d = work / name
             d.mkdir()
             brokers.append(bench.LocalBroker(d))
-            bench.ROOT = tree  # AgentRun starts `python -m agent.daemon` in ROOT: that tree's agent
-            try:
-                procs[name] = bench.AgentRun(model, threads, "synthetic", 0, d, brokers[-1])
-            finally:
-                bench.ROOT = ROOT
+            # `python -m agent.daemon` run in that tree: that revision's agent
+            procs[name] = bench.AgentRun(model, threads, "synthetic", 0, d, brokers[-1], root=tree)
             procs[name].wait_started()
             procs[name].pause()
         windows = bench.take_turns(procs, seconds, bench.SLICE_S)
-        fps = {"bare": bench._in_windows(procs["bare"].finish()["ends"], windows["bare"])
-               / sum(b - a for a, b in windows["bare"])}
+        fps = {"bare": bench.rate_in(procs["bare"].finish()["ends"], windows["bare"])}
         for name in trees:
             procs[name].resume()
             time.sleep(0.3)
-            made = [p["ts"] for _, p in procs[name].messages()[0]]
-            fps[name] = bench._in_windows(made, windows[name]) / sum(b - a for a, b in windows[name])
+            fps[name] = bench.rate_in([p["ts"] for _, p in procs[name].messages()[0]], windows[name])
         return fps
     finally:
         if "bare" in procs:
