@@ -186,7 +186,7 @@ class LoadedModel:
         self.decoder = decoder
         # Write straight into the TFLite interpreter's input buffer when it offers one.
         self._input_view = getattr(session, "input_view", None) if len(session.inputs) == 1 else None
-        self._reuses_outputs = getattr(session, "reuses_outputs", False)
+        self._reuses_outputs = session.reuses_outputs  # part of the Session protocol: no silent default
 
     def run_raw(self, frame: np.ndarray) -> tuple[list[np.ndarray], Geometry]:
         """Preprocess and run, returning the raw outputs (for validation and golden data)."""
