@@ -21,8 +21,7 @@ from agent.manifest import DEFAULT_CHUNK_BYTES, Golden, load_private_key, public
 from agent.model import file_sha256, read_labels, read_manifest
 from agent.runtimes import detect_format
 from agent.topics import Topics, device_of
-
-TERMINAL = {"active", "rejected", "failed", "rolled_back"}
+from agent.vocab import TERMINAL_STATES
 
 
 def _ctl():
@@ -176,7 +175,7 @@ class DeployRun:
                 if not self.group:
                     return
                 t = self.targets[dev] = Target(dev)  # a group member we did not know about
-            if t.state in TERMINAL:
+            if t.state in TERMINAL_STATES:
                 return
             state = ev.get("state", t.state)
             if state == "received" and self.raw["source"]["type"] == "mqtt":
@@ -195,7 +194,7 @@ class DeployRun:
                 t.progress = float(ev["progress"])
             if ev.get("error"):
                 t.error = ev["error"]
-            if state in TERMINAL:
+            if state in TERMINAL_STATES:
                 t.ended = time.monotonic()
         self.changed.set()
 
@@ -258,7 +257,7 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
                 detail = f" [{_bar(t.progress)}] {t.progress:4.0%}" if t.state == "downloading" else ""
                 err = f": {t.error}" if t.error else ""
                 print(f"{'' if not tty else chr(13)}{dev:<20} {t.state:<11}{detail}{err}", file=sys.stderr)
-        if targets and all(t.state in TERMINAL for t in targets.values()):
+        if targets and all(t.state in TERMINAL_STATES for t in targets.values()):
             if group and time.monotonic() - t0 < 2.0:
                 continue  # let late-reporting group members show up
             break
@@ -274,7 +273,7 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
         print(f"active on {len(targets)} device(s) in {took:.1f} s", file=sys.stderr)
         return ctl.EXIT_OK
     for dev, t in sorted(bad.items()):
-        if t.state in TERMINAL:
+        if t.state in TERMINAL_STATES:
             print(f"{dev}: {t.state}: {t.error or 'no reason given'}", file=sys.stderr)
         elif t.state == "waiting":
             print(f"{dev}: no answer within {timeout:.0f} s (offline? the manifest stays retained and is applied "

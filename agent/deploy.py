@@ -40,6 +40,7 @@ from agent.threads import name_this_thread, nice_this_thread
 from agent.topics import Topics
 from agent.transfer import ChunkReceiver, TransferError, TransferStopped, download_url
 from agent.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
+from agent.vocab import is_safe_id
 
 log = logging.getLogger(__name__)
 PROBATION_MIN_FRAMES = 30
@@ -443,13 +444,11 @@ def _stored_manifest(m: DeploymentManifest, raw: dict) -> dict:
 
 
 def _raw_id(payload: bytes) -> str | None:
-    import re
-
     try:
         did = json.loads(payload).get("deployment_id")
     except (ValueError, AttributeError, UnicodeDecodeError):
         return None
-    return did if isinstance(did, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", did) else None
+    return did if is_safe_id(did) else None
 
 
 def _p95(values: list[float]) -> float | None:

@@ -9,9 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+from agent.vocab import TERMINAL_STATES
+
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset({"active", "rejected", "failed", "rolled_back"})
 
 
 class Journal:
@@ -39,7 +40,7 @@ class Journal:
         return self._state.get(deployment_id)
 
     def finished(self, deployment_id: str) -> bool:
-        return self.state(deployment_id) in TERMINAL
+        return self.state(deployment_id) in TERMINAL_STATES
 
     def record(self, deployment_id: str, state: str, reason: str | None = None, **extra) -> None:
         entry = {"deployment_id": deployment_id, "state": state, "ts": time.time(), "reason": reason, **extra}
@@ -48,7 +49,7 @@ class Journal:
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
                 f.flush()
-                if state in TERMINAL:
+                if state in TERMINAL_STATES:
                     os.fsync(f.fileno())
 
     def latest(self, n: int = 20) -> list[dict]:

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no '/', no '..' at the start: cannot escape a directory
-SAFE_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+from agent.vocab import ID_PATTERN, SHA256_PATTERN, VERSION_PATTERN
+
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 128 * 1024  # AWS IoT Core's message limit
 DEFAULT_CHUNK_BYTES = 96 * 1024
@@ -29,10 +29,10 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    name: str = Field(pattern=SAFE_NAME)
-    version: str = Field(pattern=SAFE_VERSION)
+    name: str = Field(pattern=ID_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
     format: Literal["tflite", "onnx"]
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=SHA256_PATTERN)
     size: int = Field(gt=0)
     task: Literal["classification", "ssd", "yolo", "blazeface", "raw"]
     labels: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=100_000)
@@ -71,7 +71,7 @@ class Golden(_Strict):
 
 
 class DeploymentManifest(_Strict):
-    deployment_id: str = Field(pattern=SAFE_NAME)
+    deployment_id: str = Field(pattern=ID_PATTERN)
     model: ModelSection
     source: Annotated[MqttSource | UrlSource, Field(discriminator="type")]
     golden: Golden | None = None

@@ -15,20 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.runtimes import Session, detect_format
 from agent.vision.geometry import Geometry
-from agent.vision.preprocess import Preprocessor, PreprocessSpec
+from agent.vision.params import DecodeParams, DecodeSettings, PreprocessSpec
+from agent.vision.preprocess import Preprocessor
 from agent.vision.results import Result
 
 Task = Literal["classification", "ssd", "yolo", "blazeface", "raw"]
-
-
-class DecodeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    threshold: float = Field(0.5, ge=0, le=1)
-    iou_threshold: float = Field(0.45, ge=0, le=1)
-    top_k: int = Field(5, ge=1)
-    max_detections: int = Field(100, ge=1)
-    yolo_layout: Literal["auto", "v5", "v8"] = "auto"
 
 
 class ModelManifest(BaseModel):
@@ -129,7 +120,7 @@ def make_decoder(task: str, session: Session, labels: tuple[str, ...], settings:
             iou_threshold=settings.iou_threshold, max_detections=settings.max_detections)
     from agent.vision import decoders as d
 
-    params = d.DecodeParams(labels=labels, threshold=settings.threshold, top_k=settings.top_k,
+    params = DecodeParams(labels=labels, threshold=settings.threshold, top_k=settings.top_k,
                             iou_threshold=settings.iou_threshold, max_detections=settings.max_detections,
                             yolo_layout=settings.yolo_layout)
     if task == "classification":

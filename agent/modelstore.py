@@ -22,9 +22,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.vocab import SHA256_PATTERN
+
 log = logging.getLogger(__name__)
 FORMATS = ("tflite", "onnx")
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_SHA_RE = re.compile(SHA256_PATTERN)
 _TMP = ".tmp-"  # prefix of everything half-written; the pid after it tells whose it is
 # One lock for every store in the process, so one instance never cleans another's in-flight temp dir.
 _LOCK = threading.RLock()

@@ -6,12 +6,11 @@ runtime's output TensorSpecs in the same order, which carry the int8/uint8 quant
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from agent.runtimes.base import TensorSpec, dequantize
 from agent.vision.nms import label_name, nms
+from agent.vision.params import DecodeParams
 from agent.vision.results import Classification, RawTensor
 from agent.vision.ssd import decode_ssd
 from agent.vision.yolo import decode_yolo, yolo_layout_of, yolo_meta
@@ -29,18 +28,6 @@ __all__ = [
 
 # A float output whose values sum to within this of 1 is already a probability distribution.
 _SUM_TOLERANCE = 0.05
-
-
-@dataclass(frozen=True)
-class DecodeParams:
-    """Settings shared by the decoders; each uses the fields that apply to its task."""
-
-    labels: tuple[str, ...] = ()  # index -> name; a missing index is named str(index)
-    threshold: float = 0.5  # minimum score
-    top_k: int = 5  # classification: how many classes to report
-    iou_threshold: float = 0.45  # detection NMS: suppress same-class boxes overlapping more than this
-    max_detections: int = 100  # detection: most boxes kept per frame
-    yolo_layout: str = "auto"  # auto | v5 | v8 (v8 also covers YOLO11)
 
 
 def decode_classification(

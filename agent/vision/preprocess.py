@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from agent.runtimes.base import TensorSpec
 from agent.vision.geometry import Geometry
-
-
-class PreprocessSpec(BaseModel):
-    """How a model wants its input; comes from model.yaml's ``preprocess`` section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
-    color: Literal["rgb", "bgr"] = "rgb"
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = Field((255.0, 255.0, 255.0), description="float models: (x - mean) / std")
-    layout: Literal["auto", "nhwc", "nchw"] = "auto"
-    size: tuple[int, int] | None = Field(None, description="(height, width) for models with dynamic input size")
-    pad_value: int = 114
+from agent.vision.params import PreprocessSpec
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from agent.vision.nms import to_detections
 from agent.vision.results import Detection
 
 if TYPE_CHECKING:
-    from agent.vision.decoders import DecodeParams
+    from agent.vision.params import DecodeParams
 
 
 def decode_ssd(

@@ -13,7 +13,7 @@ from agent.vision.nms import batched_nms, to_detections
 from agent.vision.results import Detection
 
 if TYPE_CHECKING:
-    from agent.vision.decoders import DecodeParams
+    from agent.vision.params import DecodeParams
 
 # Same cap as Ultralytics' max_nms: bounds NMS time when a low threshold lets everything through.
 _MAX_NMS_CANDIDATES = 30_000

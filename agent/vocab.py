@@ -1,0 +1,37 @@
+"""The words every room shares: deployment states, the id and version patterns, accelerators.
+
+Each is defined here once and imported. Tasks, model formats and backends are not listed here: they
+are whatever the registries find (``agent.vision.registry``, ``agent.runtimes.registry``), so adding
+one is adding a file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+# -- deployments --------------------------------------------------------------------------------
+DeployState = Literal["received", "downloading", "verifying", "validating", "activating", "active",
+                      "rejected", "failed", "rolled_back"]
+# An outcome: the deployment is over, and its id is never applied again.
+TERMINAL_STATES: frozenset[str] = frozenset({"active", "rejected", "failed", "rolled_back"})
+# Outcomes that are failures (logged as warnings, reported by agent-ctl with the reason).
+FAILED_STATES: frozenset[str] = frozenset({"rejected", "failed", "rolled_back"})
+
+# Deployment ids and model names: no '/', no '..' at the start, so they cannot escape a directory.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_ID = re.compile(ID_PATTERN)
+
+
+def is_safe_id(value: object) -> bool:
+    """Whether ``value`` is a usable deployment id or model name (a string matching ID_PATTERN)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+# -- runtime choice -----------------------------------------------------------------------------
+AUTO = "auto"
+# What runtime.accelerator accepts (besides auto) and what status reports: xnnpack is TFLite's CPU path.
+ACCELERATORS = ("cpu", "edgetpu", "cuda", "tensorrt")
+Accelerator = Literal["auto", "cpu", "edgetpu", "cuda", "tensorrt"]
