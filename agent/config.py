@@ -119,7 +119,7 @@ class DeployConfig(_Section):
     @field_validator("trusted_keys")
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
-        from agent.manifest import load_public_key
+        from agent.deploy.manifest import load_public_key
 
         for key in v:
             load_public_key(key)  # ValueError names the bad key

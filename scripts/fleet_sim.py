@@ -33,7 +33,7 @@ def worker(first: int, count: int, url: str, workdir: Path, fps: float) -> None:
     import logging
 
     from agent.config import parse_config
-    from agent.daemon import Agent
+    from agent.daemon.agent import Agent
 
     logging.basicConfig(level=logging.ERROR)
     sys.setswitchinterval(0.005)  # many light threads: the default suits them better
@@ -83,9 +83,9 @@ def main() -> None:
     from paho.mqtt.enums import CallbackAPIVersion
 
     work = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
-    from agent.bench import LocalBroker
+    from agent.ctl.bench.broker import LocalBroker
 
-    broker = LocalBroker(work, extra_conf="sys_interval 1\nmax_queued_messages 10000\n")
+    broker = LocalBroker(work, extra_conf="sys_interval 1\nmax_queued_messages 10000\n").start()
     port = broker.port
     url = f"mqtt://127.0.0.1:{port}"
     online: set[str] = set()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,19 +20,15 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.ctl.bench.broker import LocalBroker as Broker
+from agent.ctl.bench.broker import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models" / "face"
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 # Where the astronaut's face is in skimage's astronaut.png (512x512): checked by eye, and both
 # runtimes find it there; the e2e tests place the photo in a 640x480 frame and expect it back.
 ASTRONAUT_FACE = (179, 81, 272, 174)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -45,52 +39,6 @@ def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.0
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Broker:
-    """A mosquitto of our own, on a port of our own, that a test can stop and start again."""
-
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", persist: bool = False):
-        self.persist = persist
-        self.port = port or free_port()
-        self.host = "127.0.0.1"
-        self.workdir = workdir
-        self.extra_conf = extra_conf
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self) -> None:
-        conf = self.workdir / f"mosquitto-{self.port}.conf"
-        store = self.workdir / f"mosquitto-{self.port}-db"
-        store.mkdir(exist_ok=True)
-        persistence = (f"persistence true\npersistence_location {store}/\nautosave_interval 1\n"
-                       if self.persist else "persistence false\n")
-        user = "user root\n" if os.geteuid() == 0 else ""  # as root mosquitto drops to a user that can't read tmp
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}{user}"
-                        f"{self.extra_conf}")
-        log = open(self.workdir / f"mosquitto-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)
-        wait_until(self._listening, 10, what=f"mosquitto on port {self.port}")
-
-    def _listening(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {self.proc.returncode}; see {self.workdir}")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            return s.connect_ex((self.host, self.port)) == 0
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture
@@ -156,7 +104,7 @@ def recorder_factory() -> Iterator[Callable[..., Recorder]]:
 
 def choose(fmt: str):
     """The runtime the probe picks on this machine for a model format (the loaders' ``choose``)."""
-    from agent import probe
+    from agent.hardware import probe
 
     return probe.choose_runtime(probe.probe(check_runtimes="first"), fmt)
 

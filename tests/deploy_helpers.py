@@ -69,7 +69,7 @@ def slow_onnx(dest_dir: Path, matmuls: int = 40) -> Path:
 
 def manifest_for(model: Path, **flags) -> tuple[dict, bytes]:
     """The manifest agent-ctl would send, built by agent-ctl's own code."""
-    from agent.ctl_deploy import build_manifest
+    from agent.ctl.deploy import build_manifest
 
     args = argparse.Namespace(task=None, labels=None, name=None, version=None, url=None, no_golden=False,
                               sign_key=None, chunk_kb=96)

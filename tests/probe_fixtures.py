@@ -1,4 +1,4 @@
-"""Build fake filesystem roots for agent.probe in the real formats of /proc, /sys, /dev and /etc."""
+"""Build fake filesystem roots for agent.hardware.probe in the real formats of /proc, /sys, /dev and /etc."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from conftest import wait_until
 
 from agent.config import MqttConfig
-from agent.delivery import DurableSender
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
+from agent.messaging.delivery import DurableSender
+from agent.messaging.link import MqttLink
+from agent.messaging.outbox import Outbox
 
 
 def test_qos0_traffic_never_stands_in_for_the_puback_of_a_later_qos1_message(broker, tmp_path: Path):

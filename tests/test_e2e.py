@@ -170,7 +170,7 @@ def test_bench_bulk_subscriber_parses_what_paho_published(broker):
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.bench import BulkSubscriber
+    from agent.ctl.bench.subscriber import BulkSubscriber
 
     pub = paho.Client(CallbackAPIVersion.VERSION2)
     pub.connect(broker.host, broker.port)

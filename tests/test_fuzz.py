@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config import AgentConfig, ConfigError, parse_config
-from agent.manifest import ManifestRejected, parse_manifest
+from agent.deploy.manifest import ManifestRejected, parse_manifest
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),

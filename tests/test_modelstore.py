@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.modelstore import ModelStore, StoredModel, StoreError
+from agent.deploy.store import ModelStore, StoredModel, StoreError
 
 REPO = Path(__file__).resolve().parent.parent
 TFLITE = REPO / "models" / "face" / "blazeface.tflite"
@@ -170,7 +170,7 @@ def test_corrupt_active_record_gives_none_not_a_crash(tmp_path, caplog):
     for body in bad:
         record.write_bytes(body)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="agent.modelstore"):
+        with caplog.at_level(logging.WARNING, logger="agent.deploy.store"):
             assert store.active() is None and store.previous() is None, body
         assert "unreadable active record" in caplog.text
         store.prune()  # an untrustworthy record must not get versions deleted
@@ -258,7 +258,7 @@ def test_get_of_a_damaged_version_is_none_and_reinstall_repairs_it(tmp_path):
 
 CHILD = """
 import sys
-from agent.modelstore import ModelStore
+from agent.deploy.store import ModelStore
 store, a, b = ModelStore(sys.argv[1]), sys.argv[2], sys.argv[3]
 print("ready", flush=True)
 while True:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import ROW_OVERHEAD, Outbox, OutboxError
+from agent.messaging.outbox import ROW_OVERHEAD, Outbox, OutboxError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_messages_survive_a_kill_9_of_the_writing_process(tmp_path: Path) -> Non
     db = tmp_path / "state" / "outbox.db"
     script = textwrap.dedent(f"""
         import os, signal
-        from agent.outbox import Outbox
+        from agent.messaging.outbox import Outbox
         ob = Outbox({str(db)!r})
         for i in range(200):
             ob.put("cam/1/detections", b"msg-%d" % i)
@@ -80,7 +80,7 @@ def test_size_bound_drops_oldest_and_counts_them(tmp_path: Path, caplog: pytest.
     db = tmp_path / "outbox.db"
     ob = Outbox(db, max_mb=0.01)  # 10485 bytes: ~9 messages of 1 KB
     each = cost("t", b"x" * 1000)
-    with caplog.at_level(logging.WARNING, logger="agent.outbox"):
+    with caplog.at_level(logging.WARNING, logger="agent.messaging.outbox"):
         ids = [ob.put("t", i.to_bytes(2, "big") + b"x" * 998) for i in range(100)]
     assert ob.size_bytes() <= ob.max_bytes
     assert ob.size_bytes() == ob.depth() * each
@@ -184,7 +184,7 @@ def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFi
     junk = b"this is not a sqlite database\n" * 200
     db.write_bytes(junk)
     Path(f"{db}-wal").write_bytes(b"stale wal")
-    with caplog.at_level(logging.WARNING, logger="agent.outbox"):
+    with caplog.at_level(logging.WARNING, logger="agent.messaging.outbox"):
         ob = Outbox(db)
     assert ob.depth() == 0 and ob.put("t", b"fresh") == 1
     # sqlite itself deletes the unusable stale WAL when the failed connection closes; what

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose, wait_until
 
-from agent import model as model_mod
 from agent.camera import Frame, FrameSlot
-from agent.model import Inferred, load_model
-from agent.pipeline import Pipeline
+from agent.inference import model as model_mod
+from agent.inference.model import Inferred, load_model
+from agent.inference.pipeline import Pipeline
 from agent.runtimes import ModelLoadError, open_session, warm_up
 
 

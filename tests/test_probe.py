@@ -1,4 +1,4 @@
-"""Contracts of agent.probe: facts parsed from real-format fixture trees, and runtime choice rules."""
+"""Contracts of agent.hardware.probe: facts parsed from real-format fixture trees, and runtime choice rules."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import probe_fixtures as fx
 import pytest
 from conftest import REPO
 
-from agent import probe as probe_mod
-from agent.probe import (
+from agent.hardware import probe as probe_mod
+from agent.hardware.probe import (
     HardwareFacts,
     RuntimeAvailability,
     RuntimeChoice,
@@ -374,8 +374,8 @@ def test_health_finds_the_pi_sensors_once_and_reads_them_every_sample(tmp_path):
     from types import SimpleNamespace
 
     from agent.camera import FrameSlot
-    from agent.health import HealthSampler
-    from agent.pipeline import PipelineStats
+    from agent.daemon.health import HealthSampler
+    from agent.inference.pipeline import PipelineStats
 
     root = fx.raspberry_pi_4(tmp_path)
     sampler = HealthSampler(root=str(root))

@@ -9,12 +9,12 @@ from contextlib import contextmanager
 
 from conftest import wait_until
 
-from agent.bench import BulkSubscriber
 from agent.config import MqttConfig
-from agent.model import ModelInfo, Timings
-from agent.mqtt import MqttLink
-from agent.pipeline import Prediction
-from agent.publisher import LINGER_BELOW_S, PredictionPublisher
+from agent.ctl.bench.subscriber import BulkSubscriber
+from agent.inference.model import ModelInfo, Timings
+from agent.inference.pipeline import Prediction
+from agent.messaging.link import MqttLink
+from agent.messaging.publisher import LINGER_BELOW_S, PredictionPublisher
 
 INFO = ModelInfo("m", "1", "0" * 64, "tflite", "detection", "/m.tflite")
 

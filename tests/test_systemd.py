@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import agent_config, wait_until
 
-from agent.systemd import Notifier, _builtin_notify
+from agent.daemon.systemd import Notifier, _builtin_notify
 
 
 class NotifySocket:

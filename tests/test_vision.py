@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose
 
-from agent import probe
-from agent.daemon import freeze_startup_objects
-from agent.model import load_model, read_labels
+from agent.daemon.main import freeze_startup_objects
+from agent.hardware import probe
+from agent.inference.model import load_model, read_labels
 from agent.runtimes import ModelLoadError, detect_format
 from agent.runtimes.base import TensorSpec
 from agent.runtimes.onnx import OnnxSession

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import agent.bench as bench  # noqa: E402
+import agent.ctl.bench.run as bench  # noqa: E402
 
 
 def one_run(model: Path, trees: dict[str, Path], seconds: int, threads: int, work: Path) -> dict[str, float]:
@@ -37,7 +37,7 @@ def one_run(model: Path, trees: dict[str, Path], seconds: int, threads: int, wor
         for name, tree in trees.items():
             d = work / name
             d.mkdir()
-            brokers.append(bench.LocalBroker(d))
+            brokers.append(bench.LocalBroker(d).start())
             # `python -m agent.daemon` run in that tree: that revision's agent
             procs[name] = bench.AgentRun(model, threads, "synthetic", 0, d, brokers[-1], root=tree)
             procs[name].wait_started()

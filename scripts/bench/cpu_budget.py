@@ -41,7 +41,8 @@ def thread_cpu(pid: int) -> collections.Counter:
 
 
 def main() -> None:
-    from agent.bench import AgentRun, LocalBroker
+    from agent.ctl.bench.broker import LocalBroker
+    from agent.ctl.bench.run import AgentRun
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -51,7 +52,7 @@ def main() -> None:
     if not Path(args.model).is_file():
         sys.exit(f"model file not found: {args.model}")
     work = Path(tempfile.mkdtemp(prefix="cpu-budget-"))
-    broker = LocalBroker(work)
+    broker = LocalBroker(work).start()
     agent = None
     try:
         agent = AgentRun(Path(args.model).resolve(), args.threads, "synthetic", 0, work, broker)

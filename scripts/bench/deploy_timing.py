@@ -97,9 +97,9 @@ def main() -> None:
     if not serving.is_file():
         sys.exit(f"deploy_timing: model file not found: {serving}")
     work = Path(tempfile.mkdtemp(prefix="deploy-timing-"))
-    from agent.bench import LocalBroker
+    from agent.ctl.bench.broker import LocalBroker
 
-    broker = LocalBroker(work)
+    broker = LocalBroker(work).start()
     port = broker.port
     cfg = {"device_id": "bench", "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
            "camera": {"source": "synthetic", "fps": args.fps}, "health": {"interval_s": 1},
@@ -109,7 +109,7 @@ def main() -> None:
     cfg_path.write_text(yaml.safe_dump(cfg))
     agent = subprocess.Popen([sys.executable, "-m", "agent.daemon", "--config", str(cfg_path)], cwd=ROOT,
                              stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT)
-    from agent.bench import BulkSubscriber
+    from agent.ctl.bench.subscriber import BulkSubscriber
 
     # Reads its socket in bulk: paho's subscriber would take ~0.2 ms of CPU per message from the two
     # cores the agent runs on, and at full rate that is a core's worth of jitter in what we measure.

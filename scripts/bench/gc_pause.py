@@ -31,9 +31,9 @@ def full_collections(n: int = 5) -> list[float]:
 
 def main() -> None:
     import agent.daemon  # noqa: F401 - everything the daemon imports
-    from agent import probe
-    from agent.daemon import freeze_startup_objects
-    from agent.model import load_model
+    from agent.daemon.main import freeze_startup_objects
+    from agent.hardware import probe
+    from agent.inference.model import load_model
 
     model_path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "models/face/blazeface.tflite"
     facts = probe.probe(check_runtimes="first")

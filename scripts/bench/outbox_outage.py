@@ -28,11 +28,11 @@ def main() -> None:
 
     import cv2
 
-    from agent import probe
-    from agent.model import load_model
-    from agent.outbox import Outbox
-    from agent.pipeline import Prediction
-    from agent.publisher import dumps
+    from agent.hardware import probe
+    from agent.inference.model import load_model
+    from agent.inference.pipeline import Prediction
+    from agent.messaging.outbox import Outbox
+    from agent.messaging.publisher import dumps
 
     facts = probe.probe(check_runtimes="first")
     model = load_model(ROOT / "models/face/blazeface.tflite", lambda f: probe.choose_runtime(facts, f))

@@ -1,7 +1,7 @@
 """Validate a model in a child process: a model that crashes or hangs its runtime kills the child, not us.
 
 Children are forked from a forkserver that imported the runtimes once, so a validation costs a fork,
-not a new interpreter (seconds on a Pi). ``python -m agent.validate MODEL SPEC_JSON`` runs the same
+not a new interpreter (seconds on a Pi). ``python -m agent.deploy.validate MODEL SPEC_JSON`` runs the same
 checks in the foreground and prints one JSON line, for debugging a model by hand.
 """
 
@@ -25,14 +25,14 @@ class ValidationFailed(RuntimeError):
 
 _CTX = None
 BACKGROUND_NICE = 10
-PRELOAD = ["agent.validate", "agent.model", "agent.probe", "agent.manifest", "numpy", "cv2", "onnxruntime"]
+PRELOAD = ["agent.deploy.validate", "agent.inference.model", "agent.hardware.probe", "agent.deploy.manifest", "numpy", "cv2", "onnxruntime"]
 
 
 def _context():
     """A forkserver that has imported the runtimes once: each validation is a cheap fork, not a new Python."""
     global _CTX
     if _CTX is None:
-        from agent import probe
+        from agent.hardware import probe
 
         facts = probe.probe(check_runtimes="first")
         # Only the TFLite module that works here: importing a broken one (tflite_runtime under numpy 2)
@@ -97,9 +97,9 @@ def validate_in_child(model_path: Path, manifest: dict, *, backend: str = "auto"
 def _check(model_path: Path, spec: dict) -> dict:
     import cv2
 
-    from agent import probe
-    from agent.manifest import DeploymentManifest, compare_golden
-    from agent.model import load_model
+    from agent.deploy.manifest import DeploymentManifest, compare_golden
+    from agent.hardware import probe
+    from agent.inference.model import load_model
 
     manifest = DeploymentManifest.model_validate(spec["manifest"])
     facts = probe.probe(check_runtimes="first")

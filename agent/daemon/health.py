@@ -7,10 +7,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import psutil
 
-from agent import probe
+from agent.hardware import probe
+from agent.stats import percentiles
 
 
 @dataclass
@@ -38,13 +38,6 @@ class Health:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def percentiles(values, ps=(50, 95, 99)) -> dict[str, float]:
-    if not values:
-        return {f"p{p}": 0.0 for p in ps}
-    arr = np.fromiter(values, dtype=np.float64)
-    return {f"p{p}": round(float(v), 3) for p, v in zip(ps, np.percentile(arr, ps), strict=True)}
 
 
 def jetson_gpu_load(root: str = "/") -> dict | None:

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.mqtt import MqttLink
-from agent.pipeline import Prediction
+from agent.inference.pipeline import Prediction
+from agent.messaging.link import MqttLink
 from agent.threads import name_this_thread
 
 log = logging.getLogger(__name__)

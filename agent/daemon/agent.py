@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import logging
 import os
-import platform as pyplatform
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,25 +12,25 @@ from pathlib import Path
 import cv2
 import paho.mqtt.client as paho
 
-from agent import __version__, probe
+from agent import __version__
 from agent.camera import Capture, FrameSlot, make_source
-from agent.config import AgentConfig, ConfigError, default_config_path, load_config
-from agent.delivery import DurableSender
-from agent.deploy import Deployer
-from agent.health import HealthSampler
-from agent.model import LoadedModel, ManifestError, load_model
-from agent.modelstore import ModelStore
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox, OutboxError
-from agent.pipeline import Pipeline
-from agent.publisher import PredictionPublisher, dumps
-from agent.runtimes import ModelLoadError, RuntimeUnavailable, inference_threads
-from agent.systemd import Notifier, setup_logging
-from agent.topics import Topics
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.daemon.health import HealthSampler
+from agent.daemon.systemd import Notifier
+from agent.deploy.deployer import Deployer
+from agent.deploy.store import ModelStore
+from agent.hardware import probe
+from agent.inference.model import LoadedModel, load_model
+from agent.inference.pipeline import Pipeline
+from agent.messaging.delivery import DurableSender
+from agent.messaging.link import MqttLink
+from agent.messaging.outbox import Outbox, OutboxError
+from agent.messaging.publisher import PredictionPublisher, dumps
+from agent.messaging.topics import Topics
+from agent.runtimes import inference_threads
 
 log = logging.getLogger("agent")
 MAX_COMMAND_BYTES = 64 * 1024
-SWITCH_INTERVAL_S = 0.0005
 
 
 class Agent:
@@ -198,7 +193,6 @@ class Agent:
         """The newest frame as a small JPEG (base64) with the predictions made on it."""
         import base64
 
-        import cv2
 
         frame = self.pipeline.last_frame
         if frame is None:
@@ -289,6 +283,10 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """Re-read the config on the main loop (SIGHUP, the reload command)."""
+        self._reload.set()
+
     def shutdown(self) -> int:
         t0 = time.monotonic()
         self.notifier.stopping()
@@ -321,57 +319,3 @@ def _writable(path: Path) -> bool:
         return os.access(path, os.W_OK)
     except OSError:
         return False
-
-
-def freeze_startup_objects() -> int:
-    """Take what start-up made (modules, config, the first model) out of the garbage collector's sight.
-
-    A full collection walks every tracked object with the GIL held: ~53,000 after start-up, 23-42 ms on
-    a 2-core VM, and the frame loop waits that long. Frozen, they are skipped; a full collection then
-    walks only what was made since (1.4 ms in a running agent after deploys). Nothing frozen is lost:
-    models are freed by reference counting when a deploy replaces them (tested), and start-up garbage
-    is collected first.
-    Returns how many objects were frozen.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="Run the edge-agent daemon in the foreground.")
-    parser.add_argument("--config", type=Path, help="config file (default: $EDGE_AGENT_CONFIG, "
-                        "else /etc/edge-agent/agent.yaml, else the bundled config/agent.yaml)")
-    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
-    args = parser.parse_args(argv)
-    path = args.config or default_config_path()
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        print(f"edge-agent: invalid configuration in {exc.source}:", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.log_level)
-    # The frame loop drops the GIL for every runtime/OpenCV call; with the default 5 ms switch interval
-    # it can then wait behind the MQTT and capture threads for milliseconds per frame.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    # OpenCV's own thread pool did not make a 640x480 frame's resize faster (70 us on 1 or 2 threads),
-    # and its workers take cores from inference: capture's OpenCV calls run on the capture thread alone.
-    cv2.setNumThreads(1)
-    log.info("edge-agent %s on %s (%s), config %s", __version__, pyplatform.node(), pyplatform.machine(), path)
-    try:
-        agent = Agent(cfg, path)
-    except (FileNotFoundError, ManifestError, ModelLoadError, RuntimeUnavailable, probe.RuntimeChoiceError,
-            ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    freeze_startup_objects()
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    signal.signal(signal.SIGHUP, lambda *_: agent._reload.set())
-    return agent.run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,12 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from agent.config import AgentConfig
-from agent.journal import Journal
-from agent.manifest import (
+from agent.deploy.journal import Journal
+from agent.deploy.manifest import (
     DeploymentManifest,
     ManifestRejected,
     MqttSource,
@@ -33,13 +32,14 @@ from agent.manifest import (
     load_public_key,
     parse_manifest,
 )
-from agent.model import LoadedModel, file_sha256
-from agent.modelstore import ModelStore, StoredModel
+from agent.deploy.store import ModelStore, StoredModel
+from agent.deploy.transfer import ChunkReceiver, TransferError, TransferStopped, download_url
+from agent.deploy.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
+from agent.inference.model import LoadedModel, file_sha256
+from agent.messaging.topics import Topics
 from agent.runtimes import detect_format
+from agent.stats import percentile
 from agent.threads import name_this_thread, nice_this_thread
-from agent.topics import Topics
-from agent.transfer import ChunkReceiver, TransferError, TransferStopped, download_url
-from agent.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
 from agent.vocab import is_safe_id
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Probation:
     deployment_id: str
     until: float
     previous: LoadedModel
-    baseline_p95: float | None
+    baseline_p95: float  # 0.0 when no frame ran before the swap
     processed_at_swap: int
     errors_at_swap: int
 
@@ -351,7 +351,7 @@ class Deployer:
 
     def _activate(self, did: str, stored: StoredModel) -> None:
         new = self._load(stored.path)  # loaded and warmed while the old model keeps serving
-        baseline = _p95(list(self.stats.inference_ms))
+        baseline = percentile(self.stats.inference_ms, 95)
         errors_before = self.stats.errors
         processed_before = self.stats.processed
         old = self.activate_model(new)
@@ -375,7 +375,7 @@ class Deployer:
             reason = f"{errors} inference errors during probation (last: {stats.last_error})"
         elif p.baseline_p95 and n_new >= PROBATION_MIN_FRAMES:
             recent = list(stats.inference_ms)[-min(n_new, len(stats.inference_ms)):]
-            p95 = _p95(recent)
+            p95 = percentile(recent, 95)
             # 3x, and a few ms more: on a loaded machine a 2 ms model can briefly read 6 ms.
             if p95 and p95 > 3 * p.baseline_p95 and p95 > p.baseline_p95 + PROBATION_MIN_EXTRA_MS:
                 reason = f"inference p95 {p95:.1f} ms is over 3x the previous model's {p.baseline_p95:.1f} ms"
@@ -450,6 +450,3 @@ def _raw_id(payload: bytes) -> str | None:
         return None
     return did if is_safe_id(did) else None
 
-
-def _p95(values: list[float]) -> float | None:
-    return float(np.percentile(values, 95)) if values else None

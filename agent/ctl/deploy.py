@@ -17,17 +17,20 @@ import cv2
 import numpy as np
 import paho.mqtt.client as paho
 
-from agent.manifest import DEFAULT_CHUNK_BYTES, Golden, load_private_key, public_key_text, sample_output, sign
-from agent.model import file_sha256, read_labels, read_manifest
+from agent.ctl.client import MqttSession, ctl_config, json_object
+from agent.ctl.errors import EXIT_FAILED, EXIT_OK, CtlError, UsageError
+from agent.deploy.manifest import (
+    DEFAULT_CHUNK_BYTES,
+    Golden,
+    load_private_key,
+    public_key_text,
+    sample_output,
+    sign,
+)
+from agent.inference.model import file_sha256, read_labels, read_manifest
+from agent.messaging.topics import Topics, device_of
 from agent.runtimes import detect_format
-from agent.topics import Topics, device_of
 from agent.vocab import TERMINAL_STATES
-
-
-def _ctl():
-    from agent import ctl  # late: ctl imports this module for its parser
-
-    return ctl
 
 
 def safe_name(text: str) -> str:
@@ -47,8 +50,8 @@ def golden_frame() -> np.ndarray:
 
 def make_golden(model_path: Path, task: str) -> Golden:
     """Run the model locally on the test card; the device must reproduce these outputs."""
-    from agent import probe
-    from agent.model import load_model
+    from agent.hardware import probe
+    from agent.inference.model import load_model
     from agent.runtimes.base import dequantize
 
     facts = probe.probe(check_runtimes="first")
@@ -65,25 +68,24 @@ def make_golden(model_path: Path, task: str) -> Golden:
 
 def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
     """The manifest dict and the model bytes; UsageError for bad input."""
-    ctl = _ctl()
     if not model_path.is_file():
-        raise ctl.UsageError(f"model file not found: {model_path}")
+        raise UsageError(f"model file not found: {model_path}")
     try:
         fmt = detect_format(model_path)
     except ValueError as exc:
-        raise ctl.UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     try:
         side = read_manifest(model_path)
     except ValueError as exc:
-        raise ctl.UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     task = args.task or side.task
     if task is None:
-        raise ctl.UsageError("no task: pass --task (classification, ssd, yolo, blazeface, raw) or put task: in "
+        raise UsageError("no task: pass --task (classification, ssd, yolo, blazeface, raw) or put task: in "
                              "a model.yaml beside the model")
     labels = None
     if args.labels:
         if not Path(args.labels).is_file():
-            raise ctl.UsageError(f"labels file not found: {args.labels}")
+            raise UsageError(f"labels file not found: {args.labels}")
         labels = list(read_labels(Path(args.labels)))
     elif side.labels:
         labels = list(side.labels)
@@ -117,11 +119,11 @@ def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
     if args.sign_key:
         key_path = Path(args.sign_key)
         if not key_path.is_file():
-            raise ctl.UsageError(f"signing key not found: {key_path}")
+            raise UsageError(f"signing key not found: {key_path}")
         try:
             raw["signature"] = sign(raw, load_private_key(key_path))
         except ValueError as exc:
-            raise ctl.UsageError(str(exc)) from None
+            raise UsageError(str(exc)) from None
     return raw, data
 
 
@@ -166,7 +168,7 @@ class DeployRun:
 
     def on_event(self, msg: paho.MQTTMessage) -> None:
         dev = device_of(msg.topic, self.prefix)
-        ev = _ctl()._json(msg)
+        ev = json_object(msg)
         if dev is None or ev is None or ev.get("deployment_id") != self.id:
             return
         with self.lock:
@@ -200,7 +202,7 @@ class DeployRun:
 
     def on_status(self, msg: paho.MQTTMessage) -> None:
         dev = device_of(msg.topic, self.prefix)
-        st = _ctl()._json(msg)
+        st = json_object(msg)
         if dev and st and self.group in (st.get("groups") or []) and st.get("state") == "online":
             with self.lock:
                 self.targets.setdefault(dev, Target(dev))
@@ -213,11 +215,10 @@ def _bar(p: float, width: int = 20) -> str:
 
 
 def cmd_deploy(args) -> int:
-    ctl = _ctl()
     raw, data = build_manifest(args, Path(args.model))
-    cfg = ctl._config(args)
+    cfg = ctl_config(args)
     device = None if args.group else (args.device or cfg.device_id)
-    s = ctl.Session(cfg)
+    s = MqttSession(cfg)
     run = DeployRun(s, cfg, raw, data, device=device, group=args.group)
     try:
         s.subscribe(f"{cfg.mqtt.prefix}/{device or '+'}/events", run.on_event)
@@ -233,14 +234,13 @@ def cmd_deploy(args) -> int:
             if raw["source"]["type"] == "mqtt":
                 run.publish_chunks(run.manifest_topic)
             print(f"published {run.id}; not waiting (agent-ctl status shows the result)", file=sys.stderr)
-            return ctl.EXIT_OK
+            return EXIT_OK
         return _follow(run, args.timeout, args.group)
     finally:
         s.close()
 
 
 def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
-    ctl = _ctl()
     deadline = time.monotonic() + timeout
     shown: dict[str, tuple[str, int]] = {}
     t0 = time.monotonic()
@@ -266,12 +266,12 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
     if not targets:
         print(f"no device in group {group!r} answered within {timeout:.0f} s; the manifest stays retained "
               "for devices that connect later", file=sys.stderr)
-        return ctl.EXIT_FAILED
+        return EXIT_FAILED
     bad = {d: t for d, t in targets.items() if t.state != "active"}
     took = time.monotonic() - t0
     if not bad:
         print(f"active on {len(targets)} device(s) in {took:.1f} s", file=sys.stderr)
-        return ctl.EXIT_OK
+        return EXIT_OK
     for dev, t in sorted(bad.items()):
         if t.state in TERMINAL_STATES:
             print(f"{dev}: {t.state}: {t.error or 'no reason given'}", file=sys.stderr)
@@ -280,81 +280,75 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
                   "when it connects)", file=sys.stderr)
         else:
             print(f"{dev}: still {t.state} after {timeout:.0f} s", file=sys.stderr)
-    return ctl.EXIT_FAILED
+    return EXIT_FAILED
 
 
 def request(cfg, device: str, command: str, timeout: float) -> dict:
     """Send one cmd to a device and wait for its response."""
-    ctl = _ctl()
     topics = Topics(cfg.mqtt.prefix, device)
     rid = uuid.uuid4().hex
     got: dict = {}
     done = threading.Event()
 
     def on_resp(msg: paho.MQTTMessage) -> None:
-        data = ctl._json(msg)
+        data = json_object(msg)
         if data and data.get("request_id") == rid:
             got.update(data)
             done.set()
 
-    s = ctl.Session(cfg)
+    s = MqttSession(cfg)
     try:
         s.subscribe(topics.cmd_response, on_resp)
         s.publish(topics.cmd, json.dumps({"command": command, "request_id": rid}).encode(), qos=1)
         if not done.wait(timeout):
-            raise ctl.CtlError(f"no answer from {device} within {timeout:.0f} s (is it online? agent-ctl status)")
+            raise CtlError(f"no answer from {device} within {timeout:.0f} s (is it online? agent-ctl status)")
     finally:
         s.close()
     if not got.get("ok"):
-        raise ctl.CtlError(f"{device}: {command} failed: {got.get('error')}")
+        raise CtlError(f"{device}: {command} failed: {got.get('error')}")
     return got
 
 
 def device_request(args, command: str) -> tuple[str, dict]:
     """The device named by --device (or the config's) and its answer to ``command``."""
-    cfg = _ctl()._config(args)
+    cfg = ctl_config(args)
     device = args.device or cfg.device_id
     return device, request(cfg, device, command, args.timeout)
 
 
 def cmd_rollback(args) -> int:
-    ctl = _ctl()
     device, resp = device_request(args, "rollback")
     m = resp.get("model") or {}
     print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_models(args) -> int:
-    ctl = _ctl()
     _, resp = device_request(args, "models")
     if args.json:
         print(json.dumps(resp, indent=2))
-        return ctl.EXIT_OK
+        return EXIT_OK
     for m in resp.get("models", []):
         mark = "*" if m.get("active") else " "
         print(f"{mark} {m.get('name')} {m.get('version')}  {m.get('format')}  {m.get('task')}  {str(m.get('sha256'))[:12]}")
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_snapshot(args) -> int:
-    ctl = _ctl()
     device, resp = device_request(args, "snapshot")
     out = Path(args.out or f"{device}-snapshot.jpg")
     out.write_bytes(base64.b64decode(resp["jpeg"]))
     print(f"{out}: {resp['width']}x{resp['height']} frame from {device}")
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_keygen(args) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    ctl = _ctl()
     key_path, pub_path = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
     for p in (key_path, pub_path):
         if p.exists() and not args.force:
-            raise ctl.UsageError(f"{p} exists; pass --force to replace it")
+            raise UsageError(f"{p} exists; pass --force to replace it")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -365,7 +359,7 @@ def cmd_keygen(args) -> int:
     print(f"private key: {key_path} (keep it secret; agent-ctl deploy --sign-key {key_path})")
     print(f"public key:  {pub_path}")
     print("add to each device's agent.yaml:\n  deploy:\n    trusted_keys:\n      - " + public)
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 def add_parsers(sub) -> None:

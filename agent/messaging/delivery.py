@@ -13,8 +13,8 @@ import threading
 import time
 from collections import deque
 
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox, OutboxError
+from agent.messaging.link import MqttLink
+from agent.messaging.outbox import Outbox, OutboxError
 from agent.threads import name_this_thread
 
 log = logging.getLogger(__name__)

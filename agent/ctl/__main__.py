@@ -1,0 +1,5 @@
+import sys
+
+from agent.ctl.main import main
+
+sys.exit(main())

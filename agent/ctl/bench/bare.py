@@ -1,0 +1,95 @@
+"""The bare loop: the runtime invoked back to back on a ready tensor, in a process of its own.
+
+``python -m agent.ctl.bench.bare MODEL THREADS`` is what BareChild starts.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from array import array
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def bare_serve(model_path: Path, threads: int) -> None:
+    """The bare loop, in its own process: invoke back to back on a ready tensor until SIGTERM.
+
+    Prints ``ready`` once warm; the parent pauses and resumes this process (SIGSTOP/SIGCONT) and
+    counts the invokes that ended inside its own windows. On SIGTERM, prints every invoke's end
+    time and duration, and the process RSS, as one JSON line.
+    """
+    import psutil
+
+    from agent.camera import SyntheticSource
+    from agent.hardware import probe
+    from agent.inference.model import load_model
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    facts = probe.probe(check_runtimes="first")
+    model = load_model(model_path, lambda fmt: probe.choose_runtime(facts, fmt), threads=threads)
+    session = model.session
+    frame = SyntheticSource(640, 480).read()
+    view = getattr(session, "input_view", None)
+    if view is not None:  # TFLite: the tensor sits in the interpreter; invoke() alone
+        buf = view(0)
+        model.preprocessor(frame, buf)
+        del buf
+        call = lambda: session.run(None)  # noqa: E731
+    else:  # ONNX Runtime: its own run() with a feed dict, as a hand-written loop calls it
+        tensor, _ = model.preprocessor(frame)
+        feed = {session.inputs[0].name: tensor.copy()}
+        call = lambda: session.ort.run(None, feed)  # noqa: E731
+    for _ in range(10):
+        call()
+    ends, durations = array("d"), array("d")
+    print("ready", flush=True)
+    clock = time.time  # the parent's windows are in wall-clock time too
+    while not stop:
+        t = clock()
+        call()
+        e = clock()
+        ends.append(e)
+        durations.append(e - t)
+    print(json.dumps({"ends": ends.tolist(), "durations": durations.tolist(),
+                      "rss_mb": psutil.Process().memory_info().rss / 2**20, "backend": session.info.backend,
+                      "accelerator": session.info.accelerator}))
+
+
+class BareChild:
+    """``bare_serve`` in a child process, paused and resumed by the parent."""
+
+    def __init__(self, model_path: Path, threads: int):
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.ctl.bench.bare", str(model_path), str(threads)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        if self.proc.stdout.readline().strip() != "ready":  # loaded and warm, or dead
+            _, err = self.proc.communicate()
+            raise RuntimeError(f"bare run failed: {(err.strip().splitlines() or ['?'])[-1]}")
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def finish(self) -> dict:
+        self.resume()
+        self.proc.terminate()
+        out, err = self.proc.communicate(timeout=60)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"bare run failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+if __name__ == "__main__":  # the bare child: MODEL THREADS
+    bare_serve(Path(sys.argv[1]), int(sys.argv[2]))

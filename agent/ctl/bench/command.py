@@ -1,0 +1,50 @@
+"""agent-ctl bench MODEL: the table, the JSON and the command's arguments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.ctl.bench.run import bench
+from agent.ctl.errors import EXIT_OK, CtlError, UsageError
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"{Path(r['model']).name} on {r['backend']}/{r['accelerator']}, {r['threads']} threads",
+        f"  throughput        bare {r['bare_fps']:8.1f} fps   agent {r['agent_fps']:8.1f} fps   ratio {r['ratio']:.3f}",
+        f"  agent overhead    {r['overhead_ms_per_frame']:+.3f} ms per frame",
+        f"  bare latency      p50 {r['bare_p50_ms']:.2f} ms  p99 {r['bare_p99_ms']:.2f} ms   "
+        f"(agent's own inference p50 {r['agent_inference_p50_ms']:.2f} ms)",
+        f"  at 15 fps         capture→subscriber p50 {r['e2e_p50_ms_15fps']:.2f} ms  p99 {r['e2e_p99_ms_15fps']:.2f} ms "
+        f"(inference p99 {r['inference_p99_ms_15fps']:.2f} ms)",
+        f"  RSS               bare {r['bare_rss_mb']:.0f} MB   agent {r['agent_rss_mb']:.0f} MB "
+        f"({r['agent_rss_mb'] - r['bare_rss_mb']:+.0f} MB)",
+        f"  CPU at 15 fps     {r['cpu_percent_15fps']:.0f} % (of one core)",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    model = Path(args.model)
+    if not model.is_file():
+        raise UsageError(f"model file not found: {model}")
+    source = args.source
+    if source != "synthetic" and not Path(source).exists():
+        raise UsageError(f"--source: {source} not found (synthetic, or a video file / images:DIR)")
+    try:
+        result = bench(model, seconds=args.seconds, threads=args.threads, source=source)
+    except RuntimeError as exc:
+        raise CtlError(str(exc)) from None
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return EXIT_OK
+
+
+def add_parsers(sub) -> None:
+    sp = sub.add_parser("bench", help="bare interpreter vs the whole agent on one model, side by side")
+    sp.add_argument("model")
+    sp.add_argument("--seconds", type=float, default=10, help="seconds each for bare and agent at full rate, taken in 1 s turns; also the 15 fps phase, up to 10 (default 10)")
+    sp.add_argument("--threads", type=int, default=0, help="inference threads (default: as the agent picks for runtime.threads: 0)")
+    sp.add_argument("--source", default="synthetic", help="synthetic (640x480), a video file, or images:DIR")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_bench)
