@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.vocab import Accelerator, one_of
+
 
 def _bundle_root() -> Path:
     """Where the bundled models/ and assets/ are: a checkout, $EDGE_AGENT_SHARE, or install.sh's place."""
@@ -93,15 +95,32 @@ class CameraConfig(_Section):
 
 class ModelConfig(_Section):
     path: Path = Path("models/face/blazeface.tflite")
-    task: Literal["classification", "ssd", "yolo", "blazeface", "raw"] | None = None
+    task: str | None = Field(None, description="a registered task: classification | ssd | yolo | blazeface | raw")
     labels: Path | None = None
     threshold: float | None = Field(None, ge=0, le=1)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str | None) -> str | None:
+        from agent.vision.registry import check_task
+
+        return check_task(v)
+
 
 class RuntimeConfig(_Section):
-    backend: Literal["auto", "tflite", "onnxruntime"] = "auto"
-    accelerator: Literal["auto", "cpu", "edgetpu", "cuda", "tensorrt"] = "auto"
+    backend: str = Field("auto", description="auto, or a registered backend: tflite | onnxruntime")
+    accelerator: Accelerator = "auto"
     threads: int = Field(0, ge=0, description="0 = every core on 2-3 cores, all but one on 4 or more")
+
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from agent.runtimes.registry import backend_names
+
+        if v != "auto" and v not in backend_names():
+            raise ValueError(f"expected {one_of(('auto', *backend_names()))}, got {v!r}")
+        return v
 
 
 class HealthConfig(_Section):

@@ -35,3 +35,9 @@ AUTO = "auto"
 # What runtime.accelerator accepts (besides auto) and what status reports: xnnpack is TFLite's CPU path.
 ACCELERATORS = ("cpu", "edgetpu", "cuda", "tensorrt")
 Accelerator = Literal["auto", "cpu", "edgetpu", "cuda", "tensorrt"]
+
+
+def one_of(values: tuple[str, ...] | list[str]) -> str:
+    """``'a', 'b' or 'c'``: how an error lists what is allowed (the way pydantic words a Literal)."""
+    quoted = [repr(v) for v in values]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"

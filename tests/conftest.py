@@ -104,9 +104,9 @@ def recorder_factory() -> Iterator[Callable[..., Recorder]]:
 
 def choose(fmt: str):
     """The runtime the probe picks on this machine for a model format (the loaders' ``choose``)."""
-    from agent.hardware import probe
+    from agent.runtimes.choice import choose_runtime, probe
 
-    return probe.choose_runtime(probe.probe(check_runtimes="first"), fmt)
+    return choose_runtime(probe(check_runtimes="first"), fmt)
 
 
 def astronaut() -> np.ndarray:

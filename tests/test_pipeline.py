@@ -11,8 +11,9 @@ import pytest
 from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose, wait_until
 
 from agent.camera import Frame, FrameSlot
-from agent.inference import model as model_mod
-from agent.inference.model import Inferred, load_model
+from agent.inference import loaded as model_mod
+from agent.inference.loaded import Inferred
+from agent.inference.loader import load_model
 from agent.inference.pipeline import Pipeline
 from agent.runtimes import ModelLoadError, open_session, warm_up
 

@@ -13,19 +13,13 @@ import probe_fixtures as fx
 import pytest
 from conftest import REPO
 
-from agent.hardware import probe as probe_mod
-from agent.hardware.probe import (
-    HardwareFacts,
-    RuntimeAvailability,
-    RuntimeChoice,
-    RuntimeChoiceError,
-    choose_runtime,
-    format_report,
-    is_edgetpu_model,
-    probe,
-    read_temperatures,
-    read_throttled,
-)
+from agent.ctl.local import format_report
+from agent.hardware.facts import HardwareFacts, RuntimeAvailability
+from agent.hardware.sensors import read_temperatures, read_throttled
+from agent.runtimes import tflite as tflite_mod
+from agent.runtimes.base import RuntimeChoice, RuntimeChoiceError
+from agent.runtimes.choice import choose_runtime, probe
+from agent.runtimes.tflite import is_edgetpu_model
 from agent.runtimes import inference_threads
 
 CPU_ORT = RuntimeAvailability("onnxruntime", True, "1.31.1", providers=("CPUExecutionProvider",))
@@ -188,8 +182,8 @@ def test_tflite_module_that_imports_but_cannot_build_interpreter_is_unavailable(
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake_interp)
     model = tmp_path / "m.tflite"
     model.write_bytes(b"TFL3")
-    monkeypatch.setattr(probe_mod, "_test_model", lambda: model)
-    result = probe_mod.check_tflite_module.__wrapped__("tflite_runtime")  # bypass the process cache
+    monkeypatch.setattr(tflite_mod, "probe_model_path", lambda: model)
+    result = tflite_mod.check_module.__wrapped__("tflite_runtime")  # bypass the process cache
     assert not result.available
     assert "numpy" in result.error and result.error.startswith("RuntimeError")
 
@@ -296,20 +290,20 @@ def coral(tmp_path) -> HardwareFacts:
 
 
 def test_edgetpu_chosen_when_device_present_and_model_compiled_for_it(coral):
-    choice = choose_runtime(coral, "tflite", model_is_edgetpu=True)
+    choice = choose_runtime(coral, "tflite", compiled_for="edgetpu")
     assert (choice.module, choice.accelerator) == ("ai_edge_litert", "edgetpu")
     assert "usb:18d1:9302" in choice.reason
 
 
 def test_plain_model_on_edgetpu_machine_uses_xnnpack(coral):
-    choice = choose_runtime(coral, "tflite", model_is_edgetpu=False)
+    choice = choose_runtime(coral, "tflite", compiled_for=None)
     assert choice.accelerator == "xnnpack"
     assert "model not compiled for it" in choice.reason
 
 
 def test_edgetpu_model_without_device_raises(x86):
     with pytest.raises(RuntimeChoiceError, match="no Edge TPU device found"):
-        choose_runtime(with_runtimes(x86, LITERT), "tflite", model_is_edgetpu=True)
+        choose_runtime(with_runtimes(x86, LITERT), "tflite", compiled_for="edgetpu")
 
 
 def test_pinned_edgetpu_with_plain_model_raises(coral):

@@ -11,7 +11,7 @@ from conftest import wait_until
 
 from agent.config import MqttConfig
 from agent.ctl.bench.subscriber import BulkSubscriber
-from agent.inference.model import ModelInfo, Timings
+from agent.inference.loaded import ModelInfo, Timings
 from agent.inference.pipeline import Prediction
 from agent.messaging.link import MqttLink
 from agent.messaging.publisher import LINGER_BELOW_S, PredictionPublisher

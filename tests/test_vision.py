@@ -12,16 +12,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from agent.vision.tasks.blazeface import anchors
 from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose
 
 from agent.daemon.main import freeze_startup_objects
-from agent.hardware import probe
-from agent.inference.model import load_model, read_labels
+from agent.inference.loader import load_model
+from agent.inference.modelfile import read_labels
 from agent.runtimes import ModelLoadError, detect_format
+from agent.runtimes import choice as probe
 from agent.runtimes.base import TensorSpec
 from agent.runtimes.onnx import OnnxSession
 from agent.runtimes.tflite import TFLiteSession, embedded_labels
-from agent.vision.blazeface import anchors
 from agent.vision.geometry import Geometry
 from agent.vision.preprocess import Preprocessor, PreprocessSpec
 

@@ -22,14 +22,17 @@ from agent.ctl.errors import EXIT_FAILED, EXIT_OK, CtlError, UsageError
 from agent.deploy.manifest import (
     DEFAULT_CHUNK_BYTES,
     Golden,
+    ManifestRejected,
     load_private_key,
+    parse_manifest,
     public_key_text,
     sample_output,
     sign,
 )
-from agent.inference.model import file_sha256, read_labels, read_manifest
+from agent.inference.modelfile import declared_labels, file_sha256, read_manifest
 from agent.messaging.topics import Topics, device_of
 from agent.runtimes import detect_format
+from agent.vision.registry import task_names
 from agent.vocab import TERMINAL_STATES
 
 
@@ -50,12 +53,11 @@ def golden_frame() -> np.ndarray:
 
 def make_golden(model_path: Path, task: str) -> Golden:
     """Run the model locally on the test card; the device must reproduce these outputs."""
-    from agent.hardware import probe
-    from agent.inference.model import load_model
+    from agent.inference.loader import load_model
     from agent.runtimes.base import dequantize
+    from agent.runtimes.choice import chooser, probe
 
-    facts = probe.probe(check_runtimes="first")
-    model = load_model(model_path, lambda fmt: probe.choose_runtime(facts, fmt), task=task)
+    model = load_model(model_path, chooser(probe(check_runtimes="first"), model_path), task=task)
     frame = golden_frame()
     outputs, _ = model.run_raw(frame)
     real = [dequantize(o, s) for o, s in zip(outputs, model.session.outputs, strict=True)]
@@ -80,17 +82,14 @@ def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
         raise UsageError(str(exc)) from None
     task = args.task or side.task
     if task is None:
-        raise UsageError("no task: pass --task (classification, ssd, yolo, blazeface, raw) or put task: in "
-                             "a model.yaml beside the model")
-    labels = None
-    if args.labels:
-        if not Path(args.labels).is_file():
-            raise UsageError(f"labels file not found: {args.labels}")
-        labels = list(read_labels(Path(args.labels)))
-    elif side.labels:
-        labels = list(side.labels)
-    elif side.labels_file and (model_path.parent / side.labels_file).is_file():
-        labels = list(read_labels(model_path.parent / side.labels_file))
+        raise UsageError(f"no task: pass --task ({', '.join(task_names())}) or put task: in "
+                         "a model.yaml beside the model")
+    if args.labels and not Path(args.labels).is_file():
+        raise UsageError(f"labels file not found: {args.labels}")
+    try:
+        labels = list(declared_labels(model_path, side, Path(args.labels) if args.labels else None))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     data = model_path.read_bytes()
     name = safe_name(args.name or side.name or model_path.stem)
     version = safe_name(args.version or (side.version if side.version != "0" else time.strftime("%Y%m%d%H%M%S")))
@@ -124,6 +123,10 @@ def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
             raw["signature"] = sign(raw, load_private_key(key_path))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    try:  # what the device will check, checked here first: a bad key never costs an upload
+        parse_manifest(json.dumps(raw).encode())
+    except ManifestRejected as exc:
+        raise UsageError(str(exc)) from None
     return raw, data
 
 
@@ -370,7 +373,7 @@ def add_parsers(sub) -> None:
     target.add_argument("--group", help="every device in this fleet group")
     sp.add_argument("--name")
     sp.add_argument("--version")
-    sp.add_argument("--task", choices=["classification", "ssd", "yolo", "blazeface", "raw"])
+    sp.add_argument("--task", choices=task_names())
     sp.add_argument("--labels", help="labels file, one per line")
     sp.add_argument("--url", help="devices download the model from this http(s)/file URL instead of MQTT chunks")
     sp.add_argument("--sign-key", help="Ed25519 private key (from agent-ctl keygen) to sign the manifest")

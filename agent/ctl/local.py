@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from agent.config import ConfigError, load_config
 from agent.ctl.errors import EXIT_OK, EXIT_USAGE
+from agent.hardware.facts import TEGRA_SOCS, HardwareFacts
+from agent.runtimes.base import RuntimeChoice, RuntimeChoiceError
+from agent.runtimes.choice import choose_runtime, probe
+from agent.runtimes.registry import format_names
 
 
 def cmd_probe(args) -> int:
-    from agent.hardware import probe
-
-    facts = probe.probe()
+    facts = probe()
     if args.json:
         choices = {}
-        for fmt in ("tflite", "onnx"):
+        for fmt in format_names():
             try:
-                c = probe.choose_runtime(facts, fmt)
+                c = choose_runtime(facts, fmt)
                 choices[fmt] = {"backend": c.backend, "module": c.module, "accelerator": c.accelerator,
                                 "providers": list(c.providers), "reason": c.reason}
-            except probe.RuntimeChoiceError as exc:
+            except RuntimeChoiceError as exc:
                 choices[fmt] = {"error": str(exc)}
         print(json.dumps({**facts.to_json(), "choice": choices}, indent=2))
     else:
-        print(probe.format_report(facts))
+        print(format_report(facts))
     return EXIT_OK
 
 
@@ -53,6 +56,43 @@ def cmd_config_check(args) -> int:
         return EXIT_USAGE
     print(f"{args.file}: ok (device {cfg.device_id}, model {cfg.model.path.name}, broker {cfg.mqtt.url})")
     return EXIT_OK
+
+
+def format_report(facts: HardwareFacts, choices: Mapping[str, RuntimeChoice | Exception] | None = None) -> str:
+    """Multi-line text for ``agent-ctl probe``; computes auto choices for tflite and onnx when not given."""
+    if choices is None:
+        choices = {}
+        for fmt in format_names():
+            try:
+                choices[fmt] = choose_runtime(facts, fmt)
+            except RuntimeChoiceError as exc:
+                choices[fmt] = exc
+    unknown = "unknown"
+    lines = [f"Platform:     {facts.platform} ({facts.arch})", f"Model:        {facts.model}"]
+    if facts.soc:
+        lines.append(f"SoC:          {TEGRA_SOCS.get(facts.soc, facts.soc)}")
+    if facts.l4t_release:
+        lines.append(f"L4T:          {facts.l4t_release}")
+    lines.append(f"CPUs:         {facts.cpu_count or unknown}")
+    lines.append(f"Memory:       {f'{facts.memory_mb} MB' if facts.memory_mb else unknown}")
+    temps = ", ".join(f"{name} {c:.1f} °C" for name, c in facts.thermal)
+    lines.append(f"Temperatures: {temps or 'none reported'}")
+    if facts.throttled is not None:
+        flags = ", ".join(facts.throttled.active_flags) or "none"
+        lines.append(f"Throttled:    {hex(facts.throttled.raw)} ({flags})")
+    tpu = ", ".join(facts.edgetpu_devices) or "no device"
+    lines.append(f"Edge TPU:     {tpu}; libedgetpu {'found' if facts.edgetpu_library else 'missing'}")
+    lines.append(f"GPU nodes:    {', '.join(facts.gpu_devices) or 'none'}")
+    lines.append("Runtimes:" if facts.runtimes else "Runtimes:     not checked")
+    for r in facts.runtimes.values():
+        state = f"ok {r.version or ''}".rstrip() if r.available else f"unavailable ({r.error})"
+        providers = f" [{', '.join(r.providers)}]" if r.providers else ""
+        lines.append(f"  {r.name:<16} {state}{providers}")
+    lines.append("Choice:")
+    for fmt, choice in choices.items():
+        text = choice.reason if isinstance(choice, RuntimeChoice) else f"error: {choice}"
+        lines.append(f"  {fmt:<7} {text}")
+    return "\n".join(lines)
 
 
 def add_parsers(sub) -> None:

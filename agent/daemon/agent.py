@@ -19,15 +19,16 @@ from agent.daemon.health import HealthSampler
 from agent.daemon.systemd import Notifier
 from agent.deploy.deployer import Deployer
 from agent.deploy.store import ModelStore
-from agent.hardware import probe
-from agent.inference.model import LoadedModel, load_model
+from agent.inference.loaded import LoadedModel
+from agent.inference.loader import load_model
 from agent.inference.pipeline import Pipeline
 from agent.messaging.delivery import DurableSender
 from agent.messaging.link import MqttLink
 from agent.messaging.outbox import Outbox, OutboxError
 from agent.messaging.publisher import PredictionPublisher, dumps
 from agent.messaging.topics import Topics
-from agent.runtimes import inference_threads
+from agent.runtimes import RuntimeChoice, inference_threads
+from agent.runtimes.choice import chooser, probe
 
 log = logging.getLogger("agent")
 MAX_COMMAND_BYTES = 64 * 1024
@@ -42,7 +43,7 @@ class Agent:
         self.notifier = Notifier()
         self.topics = Topics(cfg.mqtt.prefix, cfg.device_id)
         _require_state_dir(cfg.state_dir)
-        self.facts = probe.probe(check_runtimes="first")
+        self.facts = probe(check_runtimes="first")
         self.store = ModelStore(cfg.state_dir / "models", keep=cfg.deploy.keep_versions)
         self.model = self._initial_model()
         self.source = make_source(cfg.camera, base=config_path.parent if config_path else None)
@@ -95,22 +96,17 @@ class Agent:
     def _load(self, path: Path, configured: bool = False, cfg: AgentConfig | None = None) -> LoadedModel:
         """Load a model on the backend the probe picks; config task/labels/threshold apply to the configured one."""
         cfg = cfg or self.cfg
-        edgetpu = probe.is_edgetpu_model(path) if path.is_file() else False
-        choice_box: dict = {}
+        pick = chooser(self.facts, path, cfg.runtime.backend, cfg.runtime.accelerator)
 
-        def choose(fmt: str):
-            choice = probe.choose_runtime(self.facts, fmt, cfg.runtime.backend, cfg.runtime.accelerator,
-                                          model_is_edgetpu=edgetpu)
-            choice_box["choice"] = choice
+        def choose(fmt: str) -> RuntimeChoice:
+            choice = pick(fmt)
             log.info("runtime: %s", choice.reason)
             return choice
 
         threads = inference_threads(cfg.runtime.threads)
         extra = dict(task=cfg.model.task, labels_file=cfg.model.labels, threshold=cfg.model.threshold) if configured else {}
-        model = load_model(path, choose, threads=threads,
-                           cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None, **extra)
-        model.choice = choice_box["choice"]  # type: ignore[attr-defined]
-        return model
+        return load_model(path, choose, threads=threads,
+                          cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None, **extra)
 
     def _swap(self, new: LoadedModel) -> LoadedModel:
         """Make ``new`` the serving model between two frames; returns the old one, still open."""
@@ -132,7 +128,7 @@ class Agent:
             "platform": {"kind": self.facts.platform, "model": self.facts.model, "arch": self.facts.arch},
             "backend": info.backend,
             "accelerator": info.accelerator,
-            "runtime": {"module": info.module, "providers": list(info.providers), "reason": getattr(self.model, "choice", None) and self.model.choice.reason,
+            "runtime": {"module": info.module, "providers": list(info.providers), "reason": self.model.choice.reason if self.model.choice else None,
                         "notes": list(info.notes)},
             "model": self.model.info.to_json(),
             "camera": {"source": self.source.name},

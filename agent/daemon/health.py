@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.hardware import probe
+from agent.hardware import sensors
 from agent.stats import percentiles
 
 
@@ -40,18 +40,6 @@ class Health:
         return asdict(self)
 
 
-def jetson_gpu_load(root: str = "/") -> dict | None:
-    """Jetson iGPU load (0-1000 in sysfs → percent); None elsewhere."""
-    for rel in ("sys/devices/platform/gpu.0/load", "sys/devices/gpu.0/load",
-                "sys/devices/platform/17000000.gpu/load", "sys/devices/platform/bus@0/17000000.gpu/load"):
-        p = Path(root) / rel
-        try:
-            return {"load_percent": int(p.read_text().strip()) / 10.0}
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 class HealthSampler:
     """Computes a Health record from the parts' counters; rates are over the time since the last sample."""
 
@@ -62,8 +50,8 @@ class HealthSampler:
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # first call primes the counter
         # Found once: searching sysfs every sample held the GIL beside the frame loop for milliseconds.
-        self._zones = probe.thermal_zones(root)
-        self._throttled = probe.throttled_path(root)
+        self._zones = sensors.thermal_zones(root)
+        self._throttled = sensors.throttled_path(root)
         self._last = (time.monotonic(), 0, 0)
 
     def sample(self, *, pipeline, capture, slot, mqtt, model_info, outbox_depth: int = 0) -> Health:
@@ -78,7 +66,7 @@ class HealthSampler:
                 disk = round(shutil.disk_usage(self.state_dir).free / 2**20, 1)
             except OSError:
                 disk = None
-        throttled = probe.read_throttled(path=self._throttled) if self._throttled is not None else None
+        throttled = sensors.read_throttled(path=self._throttled) if self._throttled is not None else None
         return Health(
             ts=time.time(),
             uptime_s=round(now - self.started, 1),
@@ -94,9 +82,9 @@ class HealthSampler:
             mqtt={"state": mqtt.state, "sent": mqtt.sent, "unsent": mqtt.unsent, "error": mqtt.last_error},
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
-            temperature_c=probe.read_temperatures(zones=self._zones),
+            temperature_c=sensors.read_temperatures(zones=self._zones),
             throttled=throttled.to_json() if throttled else None,
-            gpu=jetson_gpu_load(self.root),
+            gpu=sensors.jetson_gpu_load(self.root),
             disk_free_mb=disk,
             outbox_depth=outbox_depth,
             model=model_info.brief(),

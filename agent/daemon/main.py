@@ -16,9 +16,8 @@ from agent import __version__
 from agent.config import ConfigError, default_config_path, load_config
 from agent.daemon.agent import Agent
 from agent.daemon.systemd import setup_logging
-from agent.hardware import probe
-from agent.inference.model import ManifestError
-from agent.runtimes import ModelLoadError, RuntimeUnavailable
+from agent.inference.modelfile import ManifestError
+from agent.runtimes import ModelLoadError, RuntimeChoiceError, RuntimeUnavailable
 
 log = logging.getLogger("agent")
 SWITCH_INTERVAL_S = 0.0005
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("edge-agent %s on %s (%s), config %s", __version__, pyplatform.node(), pyplatform.machine(), path)
     try:
         agent = Agent(cfg, path)
-    except (FileNotFoundError, ManifestError, ModelLoadError, RuntimeUnavailable, probe.RuntimeChoiceError,
+    except (FileNotFoundError, ManifestError, ModelLoadError, RuntimeUnavailable, RuntimeChoiceError,
             ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -35,7 +35,8 @@ from agent.deploy.manifest import (
 from agent.deploy.store import ModelStore, StoredModel
 from agent.deploy.transfer import ChunkReceiver, TransferError, TransferStopped, download_url
 from agent.deploy.validate import BACKGROUND_NICE, ValidationFailed, validate_in_child
-from agent.inference.model import LoadedModel, file_sha256
+from agent.inference.loaded import LoadedModel
+from agent.inference.modelfile import file_sha256
 from agent.messaging.topics import Topics
 from agent.runtimes import detect_format
 from agent.stats import percentile
@@ -432,9 +433,9 @@ def model_yaml(m: DeploymentManifest) -> str:
     if m.model.labels:
         doc["labels"] = m.model.labels
     if m.model.preprocess:
-        doc["preprocess"] = m.model.preprocess
+        doc["preprocess"] = m.model.preprocess.model_dump(mode="json", exclude_unset=True)
     if m.model.decode:
-        doc["decode"] = m.model.decode
+        doc["decode"] = m.model.decode.model_dump(mode="json", exclude_unset=True)
     return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.vocab import ID_PATTERN, SHA256_PATTERN, VERSION_PATTERN
+from agent.runtimes.registry import format_names
+from agent.vision.params import DecodeSettings, PreprocessSpec
+from agent.vision.registry import check_task
+from agent.vocab import ID_PATTERN, SHA256_PATTERN, VERSION_PATTERN, one_of
 
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 128 * 1024  # AWS IoT Core's message limit
@@ -31,13 +34,26 @@ class _Strict(BaseModel):
 class ModelSection(_Strict):
     name: str = Field(pattern=ID_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
-    format: Literal["tflite", "onnx"]
+    format: str
     sha256: str = Field(pattern=SHA256_PATTERN)
     size: int = Field(gt=0)
-    task: Literal["classification", "ssd", "yolo", "blazeface", "raw"]
+    task: str
     labels: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=100_000)
-    preprocess: dict[str, Any] | None = None
-    decode: dict[str, Any] | None = None
+    # The same schema as model.yaml's sections: a bad key is refused here, not later in the validation child.
+    preprocess: PreprocessSpec | None = None
+    decode: DecodeSettings | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in format_names():
+            raise ValueError(f"expected {one_of(format_names())}, got {v!r}")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        return check_task(v)  # type: ignore[return-value]
 
 
 class MqttSource(_Strict):

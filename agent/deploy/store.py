@@ -22,10 +22,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.runtimes.registry import format_names
 from agent.vocab import SHA256_PATTERN
 
 log = logging.getLogger(__name__)
-FORMATS = ("tflite", "onnx")
 _SHA_RE = re.compile(SHA256_PATTERN)
 _TMP = ".tmp-"  # prefix of everything half-written; the pid after it tells whose it is
 # One lock for every store in the process, so one instance never cleans another's in-flight temp dir.
@@ -93,8 +93,8 @@ class ModelStore:
         """Move a verified staged file into versions/<sha256>/ atomically; idempotent per sha."""
         if not _is_sha(sha256):
             raise StoreError(f"model store: refusing sha256 {sha256!r} (want 64 lowercase hex chars)")
-        if fmt not in FORMATS:
-            raise StoreError(f"model store: refusing format {fmt!r} (want one of {FORMATS})")
+        if fmt not in format_names():
+            raise StoreError(f"model store: refusing format {fmt!r} (want one of {format_names()})")
         staged, final = Path(staged), self.versions / sha256
         with _LOCK:
             if (existing := self.get(sha256)) is not None:
@@ -155,7 +155,7 @@ class ModelStore:
     def get(self, sha256: str) -> StoredModel | None:
         """The installed version ``sha256``, or None if absent, malformed or unreadable."""
         directory = self.versions / str(sha256)
-        paths = [directory / f"model.{f}" for f in FORMATS] if _is_sha(sha256) else []
+        paths = [directory / f"model.{f}" for f in format_names()] if _is_sha(sha256) else []
         if (path := next((p for p in paths if p.is_file()), None)) is None:
             return None
         try:

@@ -25,22 +25,22 @@ class ValidationFailed(RuntimeError):
 
 _CTX = None
 BACKGROUND_NICE = 10
-PRELOAD = ["agent.deploy.validate", "agent.inference.model", "agent.hardware.probe", "agent.deploy.manifest", "numpy", "cv2", "onnxruntime"]
+PRELOAD = ["agent.deploy.validate", "agent.inference.loader", "agent.runtimes", "agent.deploy.manifest", "numpy", "cv2"]
 
 
 def _context():
     """A forkserver that has imported the runtimes once: each validation is a cheap fork, not a new Python."""
     global _CTX
     if _CTX is None:
-        from agent.hardware import probe
+        from agent.runtimes import registry
+        from agent.runtimes.choice import probe
 
-        facts = probe.probe(check_runtimes="first")
-        # Only the TFLite module that works here: importing a broken one (tflite_runtime under numpy 2)
-        # would print a page of numpy's C-level warnings into the journal.
-        tflite = [f"{m}.interpreter" for m in probe.TFLITE_MODULES[:2]
-                  if facts.runtimes.get(m) is not None and facts.runtimes[m].available][:1]
+        facts = probe(check_runtimes="first")
+        # Each backend's own module (so the children find the registry filled), and the runtime modules
+        # each says work here: importing a broken one would print numpy's C-level warnings into the journal.
+        runtimes = [m for b in registry.backends() for m in (type(b).__module__, *b.preload(facts))]
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD + tflite)  # modules that don't import are skipped
+        ctx.set_forkserver_preload(PRELOAD + runtimes)  # modules that don't import are skipped
         _CTX = ctx
     return _CTX
 
@@ -98,16 +98,11 @@ def _check(model_path: Path, spec: dict) -> dict:
     import cv2
 
     from agent.deploy.manifest import DeploymentManifest, compare_golden
-    from agent.hardware import probe
-    from agent.inference.model import load_model
+    from agent.inference.loader import load_model
+    from agent.runtimes.choice import chooser, probe
 
     manifest = DeploymentManifest.model_validate(spec["manifest"])
-    facts = probe.probe(check_runtimes="first")
-
-    def choose(fmt: str):
-        return probe.choose_runtime(facts, fmt, spec["backend"], spec["accelerator"],
-                                    model_is_edgetpu=probe.is_edgetpu_model(model_path))
-
+    choose = chooser(probe(check_runtimes="first"), model_path, spec["backend"], spec["accelerator"])
     model = load_model(model_path, choose, task=manifest.model.task)  # loads, warms up
     info = model.session.info
     frame = np.zeros((240, 320, 3), np.uint8)

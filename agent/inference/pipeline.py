@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.camera import Frame, FrameSlot
-from agent.inference.model import Inferred, LoadedModel, ModelInfo, Timings
+from agent.inference.loaded import Inferred, LoadedModel, ModelInfo, Timings
 from agent.threads import name_this_thread
 from agent.vision.results import Result
 

@@ -1,111 +1,22 @@
-"""Runtime backends behind one session interface, and the door that opens the right one."""
+"""Runtime backends behind one session interface: a registry finds them, the probe picks one per model.
 
-from __future__ import annotations
+base: the Session and Backend interfaces; registry: the backends and their formats; choice: the
+probe and the pure decision of which backend and accelerator; session: opening and warming up; one
+file per backend (tflite, onnx).
+"""
 
-import logging
-import os
-import threading
-import time
-from pathlib import Path
-from typing import Literal
+from agent.runtimes.base import (
+    ModelLoadError,
+    RuntimeChoice,
+    RuntimeChoiceError,
+    RuntimeUnavailable,
+    Session,
+    SessionInfo,
+    TensorSpec,
+)
+from agent.runtimes.choice import choose_runtime, probe
+from agent.runtimes.registry import detect_format
+from agent.runtimes.session import inference_threads, open_session, warm_up
 
-import numpy as np
-
-from agent.runtimes.base import ModelLoadError, RuntimeUnavailable, Session, SessionInfo, TensorSpec
-from agent.threads import name_this_thread
-
-__all__ = ["ModelLoadError", "RuntimeUnavailable", "Session", "SessionInfo", "TensorSpec", "detect_format", "open_session",
-           "warm_up"]
-
-log = logging.getLogger(__name__)
-ModelFormat = Literal["tflite", "onnx"]
-WARMUP_RUNS = 2
-
-
-def inference_threads(configured: int = 0, cores: int | None = None) -> int:
-    """``runtime.threads``; 0 picks the split between inference and the rest of the pipeline.
-
-    With 4 or more usable cores (a Pi 4/5, a Jetson) one is left to capture, preprocessing and MQTT,
-    which otherwise preempt a runtime worker and stall the whole parallel invoke; with 2 or 3 every
-    core goes to inference, since leaving one would idle a third to half of the machine between frames.
-    ``cores`` defaults to the CPUs this process may run on (a cpuset or CPUAffinity= counts).
-    """
-    if configured:
-        return configured
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-    return cores - 1 if cores >= 4 else max(cores, 1)
-
-
-def detect_format(path: str | Path) -> ModelFormat:
-    """The model format from its first bytes: TFLite flatbuffers say 'TFL3'; ONNX is a protobuf ModelProto."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 8 and head[4:8] == b"TFL3":
-        return "tflite"
-    # ModelProto starts with field 1 (ir_version, varint: tag 0x08) and a small version number.
-    if len(head) >= 2 and head[0] == 0x08 and 0 < head[1] < 0x40:
-        return "onnx"
-    raise ValueError(f"{path}: not a TFLite (.tflite) or ONNX (.onnx) model (first bytes {head[:8].hex()})")
-
-
-def warm_up(session: Session, runs: int) -> None:
-    """Run ``session`` on zeros ``runs`` times, from a thread that yields every core to the rest of the process.
-
-    A fresh session's first runs still grow arenas and wake thread pools (ORT MobileNetV2: 3x then
-    1.4x the steady time), and that must happen here, not on the first frames after a hot swap. But
-    during a hot swap the live model is using the cores: warm-up runs at normal priority slowed its
-    frames to about half speed for their duration. Under SCHED_IDLE the calling thread (which does
-    the sequential parts and hands out the parallel ones) runs only on a core nothing else wants,
-    and a live thread that wakes takes the core back at once; the thread ends with the warm-up, so
-    nothing after it inherits the policy. Where SCHED_IDLE is missing the runs happen all the same.
-    """
-    zeros = [np.zeros(tuple(max(d, 1) for d in s.shape), s.dtype) for s in session.inputs]
-    failed: list[BaseException] = []
-
-    def work() -> None:
-        name_this_thread("ea-warm-up")
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
-        try:
-            for _ in range(runs):
-                session.run(zeros)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            failed.append(exc)
-
-    t = threading.Thread(target=work, name="ea-warm-up", daemon=True)
-    t.start()
-    t.join()
-    if failed:
-        raise failed[0]
-
-
-def open_session(path: str | Path, choice, *, threads: int = 0, cache_dir: Path | None = None,
-                 model_sha256: str = "", warmup: bool = True) -> Session:
-    """Load ``path`` on the backend the probe chose, then warm it up (``warm_up``, WARMUP_RUNS runs on zeros)."""
-    t0 = time.perf_counter()
-    session: Session
-    if choice.backend == "tflite":
-        from agent.runtimes.tflite import TFLiteSession
-
-        session = TFLiteSession(path, module=choice.module or None, threads=threads,
-                                edgetpu=choice.accelerator == "edgetpu")
-    else:
-        from agent.runtimes.onnx import OnnxSession
-
-        session = OnnxSession(path, providers=tuple(choice.providers) or ("CPUExecutionProvider",),
-                              threads=threads, cache_dir=cache_dir, model_sha256=model_sha256)
-    if warmup:
-        try:
-            warm_up(session, WARMUP_RUNS)
-        except Exception as exc:  # noqa: BLE001 - any runtime error here means the model can't serve
-            session.close()
-            raise ModelLoadError(f"{path}: warm-up inference failed ({exc})") from exc
-    log.info("loaded %s on %s/%s in %.0f ms", Path(path).name, session.info.backend,
-             session.info.accelerator, (time.perf_counter() - t0) * 1000)
-    return session
+__all__ = ["ModelLoadError", "RuntimeChoice", "RuntimeChoiceError", "RuntimeUnavailable", "Session", "SessionInfo",
+           "TensorSpec", "choose_runtime", "detect_format", "inference_threads", "open_session", "probe", "warm_up"]

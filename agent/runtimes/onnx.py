@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes.base import ModelLoadError, RuntimeUnavailable, SessionInfo, TensorSpec
+from agent.hardware.facts import HardwareFacts, RuntimeAvailability
+from agent.runtimes.base import (
+    ModelFormat,
+    ModelLoadError,
+    RuntimeChoice,
+    RuntimeChoiceError,
+    RuntimeUnavailable,
+    Session,
+    SessionInfo,
+    TensorSpec,
+    error_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +33,10 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(bool)": np.bool_,
 }
-ACCELERATOR_OF = {
-    "TensorrtExecutionProvider": "tensorrt",
-    "CUDAExecutionProvider": "cuda",
-    "CPUExecutionProvider": "cpu",
-}
+# Best first: auto takes the first one this onnxruntime build has; CPU is always last and always there.
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ACCELERATOR_OF = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+PROVIDER_OF = {accel: provider for provider, accel in ACCELERATOR_OF.items()}
 
 
 def _spec(arg) -> TensorSpec:
@@ -155,3 +166,90 @@ class OnnxSession:
 
     def close(self) -> None:
         self._sess = None
+
+
+# -- availability and choice ---------------------------------------------------------------------
+
+@functools.cache
+def check_onnxruntime() -> RuntimeAvailability:
+    """onnxruntime version and execution providers compiled into this build (never raises)."""
+    try:
+        import onnxruntime
+
+        providers = tuple(onnxruntime.get_available_providers())
+    except Exception as exc:
+        return RuntimeAvailability("onnxruntime", False, error=error_text(exc))
+    return RuntimeAvailability("onnxruntime", True, version=onnxruntime.__version__, providers=providers)
+
+
+def choose(facts: HardwareFacts, accelerator: str) -> RuntimeChoice:
+    """The best provider this onnxruntime has (TensorRT, then CUDA, then CPU), or the pinned one."""
+    if accelerator == "edgetpu":
+        raise RuntimeChoiceError("the Edge TPU runs only Edge TPU-compiled .tflite models, not .onnx; "
+                                 "set runtime.accelerator: auto")
+    ort = facts.runtimes.get("onnxruntime")
+    if ort is None or not ort.available:
+        err = ort.error if ort else "runtimes were not probed"
+        raise RuntimeChoiceError(f"onnxruntime is not usable ({err}); pip install onnxruntime")
+    installed = ", ".join(ort.providers) or "none"
+    if accelerator == "auto":
+        best = next((p for p in PROVIDERS if p in ort.providers), PROVIDERS[-1])
+    else:
+        best = PROVIDER_OF[accelerator]
+        if best not in ort.providers:
+            hint = "install onnxruntime-gpu" if accelerator != "cpu" else "reinstall onnxruntime"
+            raise RuntimeChoiceError(
+                f"accelerator '{accelerator}' requested but onnxruntime has no {best} "
+                f"(installed providers: {installed}); {hint} or set runtime.accelerator: auto")
+    below = PROVIDERS[PROVIDERS.index(best):]
+    providers = tuple(p for p in below if p in ort.providers or p == PROVIDERS[-1])
+    accel = ACCELERATOR_OF[best]
+    if accelerator != "auto":
+        why = "pinned by runtime.accelerator"
+    elif accel != "cpu":
+        why = f"{best} available"
+    elif facts.gpu_devices:
+        why = f"GPU {facts.gpu_devices[0]} present but onnxruntime has only {installed}; install onnxruntime-gpu"
+    else:
+        why = f"no GPU provider; installed providers: {installed}"
+    label = {"tensorrt": "TensorRT", "cuda": "CUDA", "cpu": "CPU"}[accel]
+    return RuntimeChoice("onnxruntime", "onnxruntime", accel, providers, f"onnx model → onnxruntime {label} ({why})")
+
+
+# -- the backend ---------------------------------------------------------------------------------
+
+def _is_onnx(head: bytes) -> bool:
+    # ModelProto starts with field 1 (ir_version, varint: tag 0x08) and a small version number.
+    return len(head) >= 2 and head[0] == 0x08 and 0 < head[1] < 0x40
+
+
+class OnnxBackend:
+    """ONNX models on onnxruntime with an explicit provider list (TensorRT, CUDA, CPU)."""
+
+    name = "onnxruntime"
+    label = "onnxruntime"
+    rank = 20
+    formats = (ModelFormat("onnx", "ONNX", ".onnx", _is_onnx),)
+
+    def availability(self, first_only: bool) -> dict[str, RuntimeAvailability]:
+        return {"onnxruntime": check_onnxruntime()}
+
+    def preload(self, facts: HardwareFacts) -> list[str]:
+        return ["onnxruntime"]  # a module that does not import is skipped by the forkserver
+
+    def compiled_for(self, path: Path) -> str | None:
+        return None
+
+    def choose(self, facts: HardwareFacts, accelerator: str, compiled_for: str | None) -> RuntimeChoice:
+        return choose(facts, accelerator)
+
+    def open(self, path: Path, choice: RuntimeChoice, *, threads: int, cache_dir: Path | None,
+             model_sha256: str) -> Session:
+        return OnnxSession(path, providers=tuple(choice.providers) or ("CPUExecutionProvider",), threads=threads,
+                           cache_dir=cache_dir, model_sha256=model_sha256)
+
+    def embedded_labels(self, path: Path) -> tuple[str, ...]:
+        return ()
+
+
+BACKEND = OnnxBackend()

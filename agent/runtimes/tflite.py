@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import logging
 import types
+import warnings
 import zipfile
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
-from agent.runtimes.base import ModelLoadError, RuntimeUnavailable, SessionInfo, TensorSpec
+from agent.hardware.facts import HardwareFacts, RuntimeAvailability
+from agent.runtimes.base import (
+    ModelFormat,
+    ModelLoadError,
+    RuntimeChoice,
+    RuntimeChoiceError,
+    RuntimeUnavailable,
+    Session,
+    SessionInfo,
+    TensorSpec,
+    error_text,
+    quiet_stderr,
+)
 
 log = logging.getLogger(__name__)
 
 # The import order is the preference order: the slim Pi wheel first, then its successor, then full TF.
+# The probe and status name the packages; the session imports their interpreter modules.
+PACKAGES = ("tflite_runtime", "ai_edge_litert", "tensorflow.lite")
 MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter", "tensorflow.lite")
+PIP_NAMES = {"tflite_runtime": "tflite-runtime", "ai_edge_litert": "ai-edge-litert", "tensorflow.lite": "tensorflow"}
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 
 
@@ -25,7 +43,8 @@ def module_path(name: str) -> str:
     return name if name in MODULES else f"{name}.interpreter"
 
 
-def _import(name: str) -> ModuleType:
+def import_interpreter_module(name: str) -> ModuleType:
+    """The module with ``Interpreter`` and ``load_delegate`` for package or module ``name``."""
     if module_path(name) == "tensorflow.lite":
         # importlib gives tensorflow's source package here, not the public tf.lite API.
         import tensorflow as tf
@@ -40,7 +59,7 @@ def load_tflite_module(only: str | None = None) -> ModuleType:
     errors = []
     for name in (only,) if only else MODULES:
         try:
-            return _import(name)
+            return import_interpreter_module(name)
         except Exception as exc:  # noqa: BLE001 - any import failure means "not this one"
             errors.append(f"{name}: {exc}")
     raise RuntimeUnavailable("no TFLite runtime imports (" + "; ".join(errors) + "); pip install 'edge-agent[tflite]'")
@@ -80,7 +99,7 @@ class TFLiteSession:
         errors: list[str] = []
         for name in (module,) if module else MODULES:
             try:
-                mod = _import(name)
+                mod = import_interpreter_module(name)
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"{name}: import failed ({exc})")
                 continue
@@ -136,3 +155,129 @@ class TFLiteSession:
 
     def close(self) -> None:
         self._interp = None  # type: ignore[assignment]
+
+
+# -- availability ----------------------------------------------------------------------------------
+
+def probe_model_path() -> Path:
+    """The bundled model a module must really load before it counts as working."""
+    return Path(__file__).resolve().parents[2] / "models/face/blazeface.tflite"
+
+
+def _load_with(name: str) -> str | None:
+    """Import package ``name``, build an interpreter on the bundled model if present; return its version."""
+    interpreter_cls = import_interpreter_module(name).Interpreter
+    top = "tensorflow" if name == "tensorflow.lite" else name
+    version = getattr(importlib.import_module(top), "__version__", None)
+    # Importing is not enough: tflite-runtime 2.14 imports under numpy 2 but fails here.
+    if probe_model_path().is_file():
+        interpreter_cls(model_path=str(probe_model_path())).allocate_tensors()
+    return version
+
+
+@functools.cache
+def check_module(name: str) -> RuntimeAvailability:
+    """Whether TFLite package ``name`` imports and really builds an interpreter (never raises)."""
+    try:
+        with warnings.catch_warnings(), quiet_stderr():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter warns that it is deprecated
+            version = _load_with(name)
+    except Exception as exc:
+        return RuntimeAvailability(name, False, error=error_text(exc))
+    if version is None:
+        try:
+            version = importlib.metadata.version(PIP_NAMES[name])
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return RuntimeAvailability(name, True, version=version)
+
+
+def is_edgetpu_model(path: str | Path) -> bool:
+    """True when the model was compiled by edgetpu_compiler (it embeds the custom op name)."""
+    try:
+        return b"edgetpu-custom-op" in Path(path).read_bytes()
+    except OSError:
+        return False
+
+
+# -- choice --------------------------------------------------------------------------------------
+
+def choose(facts: HardwareFacts, accelerator: str, compiled_for: str | None) -> RuntimeChoice:
+    """The first working TFLite package; the Edge TPU delegate for a model compiled for it, else XNNPACK."""
+    if accelerator in ("cuda", "tensorrt"):
+        raise RuntimeChoiceError(f"accelerator '{accelerator}' needs an .onnx model on onnxruntime; "
+                                 "TFLite models run on cpu or edgetpu (or set runtime.accelerator: auto)")
+    model_is_edgetpu = compiled_for == "edgetpu"
+    tried = [facts.runtimes[n] for n in PACKAGES if n in facts.runtimes]
+    working = next((r for r in tried if r.available), None)
+    if working is None:
+        detail = "; ".join(f"{r.name}: {r.error}" for r in tried) or "runtimes were not probed"
+        raise RuntimeChoiceError(
+            f"no working TFLite runtime (tried {', '.join(PACKAGES)}: {detail}); "
+            "install one with pip install 'edge-agent[tflite]'")
+    # Mention modules that are installed but broken (e.g. numpy ABI); absent ones are just noise.
+    skipped = "".join(f"; {r.name} skipped: {r.error}" for r in tried[: tried.index(working)]
+                      if not (r.error or "").startswith("ModuleNotFoundError"))
+    tpu = ", ".join(facts.edgetpu_devices)
+    if model_is_edgetpu or accelerator == "edgetpu":
+        missing = [what for what, ok in (("no Edge TPU device found", facts.edgetpu_devices),
+                                         ("libedgetpu.so.1 not installed", facts.edgetpu_library),
+                                         ("model is not compiled for the Edge TPU", model_is_edgetpu)) if not ok]
+        if missing:
+            # An edgetpu-compiled model cannot run without the delegate: its body is one custom op.
+            raise RuntimeChoiceError(
+                f"Edge TPU {'requested' if accelerator == 'edgetpu' else 'model'} but {', '.join(missing)}; "
+                "use the non-Edge-TPU model or set runtime.accelerator: auto")
+        if accelerator not in ("auto", "edgetpu"):
+            raise RuntimeChoiceError(f"model is compiled for the Edge TPU and cannot run on '{accelerator}'")
+        return RuntimeChoice("tflite", working.name, "edgetpu",
+                             reason=f"tflite model → {working.name} with Edge TPU delegate ({tpu}){skipped}")
+    if accelerator == "cpu":
+        return RuntimeChoice("tflite", working.name, "cpu",
+                             reason=f"tflite model → {working.name} on CPU (pinned by runtime.accelerator){skipped}")
+    why = "Edge TPU present but model not compiled for it" if facts.has_edgetpu else "no Edge TPU found"
+    return RuntimeChoice("tflite", working.name, "xnnpack",
+                         reason=f"tflite model → {working.name} with XNNPACK ({why}){skipped}")
+
+
+# -- the backend ---------------------------------------------------------------------------------
+
+class TFLiteBackend:
+    """TFLite models on tflite_runtime, ai_edge_litert or tensorflow.lite; XNNPACK or the Edge TPU delegate."""
+
+    name = "tflite"
+    label = "the TFLite backend"
+    rank = 10
+    # TFLite flatbuffers carry the file identifier 'TFL3' at bytes 4-8.
+    formats = (ModelFormat("tflite", "TFLite", ".tflite", lambda head: len(head) >= 8 and head[4:8] == b"TFL3"),)
+
+    def availability(self, first_only: bool) -> dict[str, RuntimeAvailability]:
+        found: dict[str, RuntimeAvailability] = {}
+        for name in PACKAGES:
+            found[name] = check_module(name)
+            if first_only and found[name].available:
+                break
+        return found
+
+    def preload(self, facts: HardwareFacts) -> list[str]:
+        # Only the module that works here: importing a broken one (tflite_runtime under numpy 2) would
+        # print a page of numpy's C-level warnings into the journal. Full TensorFlow is never preloaded.
+        return [module_path(n) for n in PACKAGES[:2]
+                if facts.runtimes.get(n) is not None and facts.runtimes[n].available][:1]
+
+    def compiled_for(self, path: Path) -> str | None:
+        return "edgetpu" if is_edgetpu_model(path) else None
+
+    def choose(self, facts: HardwareFacts, accelerator: str, compiled_for: str | None) -> RuntimeChoice:
+        return choose(facts, accelerator, compiled_for)
+
+    def open(self, path: Path, choice: RuntimeChoice, *, threads: int, cache_dir: Path | None,
+             model_sha256: str) -> Session:
+        return TFLiteSession(path, module=choice.module or None, threads=threads,
+                             edgetpu=choice.accelerator == "edgetpu")
+
+    def embedded_labels(self, path: Path) -> tuple[str, ...]:
+        return embedded_labels(path)
+
+
+BACKEND = TFLiteBackend()

@@ -32,12 +32,11 @@ def full_collections(n: int = 5) -> list[float]:
 def main() -> None:
     import agent.daemon  # noqa: F401 - everything the daemon imports
     from agent.daemon.main import freeze_startup_objects
-    from agent.hardware import probe
-    from agent.inference.model import load_model
+    from agent.inference.loader import load_model
+    from agent.runtimes.choice import chooser, probe
 
     model_path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "models/face/blazeface.tflite"
-    facts = probe.probe(check_runtimes="first")
-    model = load_model(model_path, lambda fmt: probe.choose_runtime(facts, fmt))
+    model = load_model(model_path, chooser(probe(check_runtimes="first"), model_path))
     before = full_collections()
     tracked = len(gc.get_objects())
     frozen = freeze_startup_objects()

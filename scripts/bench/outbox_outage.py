@@ -28,14 +28,14 @@ def main() -> None:
 
     import cv2
 
-    from agent.hardware import probe
-    from agent.inference.model import load_model
+    from agent.inference.loader import load_model
     from agent.inference.pipeline import Prediction
     from agent.messaging.outbox import Outbox
     from agent.messaging.publisher import dumps
+    from agent.runtimes.choice import chooser, probe
 
-    facts = probe.probe(check_runtimes="first")
-    model = load_model(ROOT / "models/face/blazeface.tflite", lambda f: probe.choose_runtime(facts, f))
+    path = ROOT / "models/face/blazeface.tflite"
+    model = load_model(path, chooser(probe(check_runtimes="first"), path))
     clip = cv2.VideoCapture(str(ROOT / "assets/demo.mp4"))
     payloads = []
     while True:

@@ -26,13 +26,12 @@ def bare_serve(model_path: Path, threads: int) -> None:
     import psutil
 
     from agent.camera import SyntheticSource
-    from agent.hardware import probe
-    from agent.inference.model import load_model
+    from agent.inference.loader import load_model
+    from agent.runtimes.choice import chooser, probe
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    facts = probe.probe(check_runtimes="first")
-    model = load_model(model_path, lambda fmt: probe.choose_runtime(facts, fmt), threads=threads)
+    model = load_model(model_path, chooser(probe(check_runtimes="first"), model_path), threads=threads)
     session = model.session
     frame = SyntheticSource(640, 480).read()
     view = getattr(session, "input_view", None)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import ast
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agent.runtimes.base import TensorSpec, dequantize
 from agent.vision.geometry import Geometry
 from agent.vision.nms import batched_nms, to_detections
+from agent.vision.params import DecodeParams
+from agent.vision.registry import Task
 from agent.vision.results import Detection
-
-if TYPE_CHECKING:
-    from agent.vision.params import DecodeParams
 
 # Same cap as Ultralytics' max_nms: bounds NMS time when a low threshold lets everything through.
 _MAX_NMS_CANDIDATES = 30_000
@@ -171,3 +169,7 @@ def _imgsz(value: object) -> tuple[int, int] | None:
         if all(type(v) is int and v > 0 for v in value):
             return int(value[0]), int(value[-1])
     return None
+
+
+# Ultralytics exports carry their class names and input size in the file's metadata.
+TASK = Task("yolo", lambda specs, params: lambda outs, geom: decode_yolo(outs, specs, geom, params), hints=yolo_meta)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from agent.runtimes.base import TensorSpec, dequantize
 from agent.vision.geometry import Geometry
 from agent.vision.nms import to_detections
+from agent.vision.params import DecodeParams
+from agent.vision.registry import Task
 from agent.vision.results import Detection
-
-if TYPE_CHECKING:
-    from agent.vision.params import DecodeParams
 
 
 def decode_ssd(
@@ -79,3 +76,6 @@ def _count(array: np.ndarray) -> int:
 
 def _all_whole(values: np.ndarray) -> bool:
     return bool(np.all(values == np.rint(values)))
+
+
+TASK = Task("ssd", lambda specs, params: lambda outs, geom: decode_ssd(outs, specs, geom, params))

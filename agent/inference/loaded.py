@@ -1,80 +1,17 @@
-"""A model ready to serve: its manifest (model.yaml), session, preprocessor and task decoder."""
+"""A model ready to serve: its session, preprocessor and task decoder, and the records a frame leaves behind."""
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.runtimes import Session, detect_format
+from agent.runtimes.base import RuntimeChoice, Session
 from agent.vision.geometry import Geometry
-from agent.vision.params import DecodeParams, DecodeSettings, PreprocessSpec
 from agent.vision.preprocess import Preprocessor
+from agent.vision.registry import Decoder
 from agent.vision.results import Result
-
-Task = Literal["classification", "ssd", "yolo", "blazeface", "raw"]
-
-
-class ModelManifest(BaseModel):
-    """model.yaml: what the file alone cannot say (task, labels, how to feed it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = None
-    version: str = "0"
-    task: Task | None = None
-    labels: list[str] | None = None
-    labels_file: str | None = None
-    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
-    decode: DecodeSettings = Field(default_factory=DecodeSettings)
-
-
-class ManifestError(ValueError):
-    """model.yaml or a labels file is unusable; the message names the file and the key."""
-
-
-def read_manifest(model_path: Path) -> ModelManifest:
-    """model.yaml beside the model (``<stem>.yaml`` wins over ``model.yaml``); defaults when absent."""
-    for candidate in (model_path.with_suffix(".yaml"), model_path.parent / "model.yaml"):
-        if candidate.is_file():
-            try:
-                # libyaml's loader when present: a tenth of the pure-Python one's time, and that time
-                # is spent holding the GIL beside a running frame loop during a hot swap
-                data = yaml.load(candidate.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-                return ModelManifest.model_validate(data)
-            except yaml.YAMLError as exc:
-                raise ManifestError(f"{candidate}: not valid YAML ({exc})") from None
-            except ValidationError as exc:
-                lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-                raise ManifestError(f"{candidate}: " + "; ".join(lines)) from None
-    return ModelManifest()
-
-
-def read_labels(path: Path) -> tuple[str, ...]:
-    """One label per line; 'N label' and 'N: label' lines (TF label maps) are accepted too."""
-    labels = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        head, _, rest = line.replace(":", " ", 1).partition(" ")
-        labels.append(rest.strip() if head.isdigit() and rest.strip() else line)
-    return tuple(labels)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -96,9 +33,6 @@ class ModelInfo:
                 "task": self.task}
 
 
-Decoder = Callable[[list[np.ndarray], Geometry], list[Result]]
-
-
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A frame already turned into ``model``'s input tensor (on the capture thread, ahead of inference)."""
@@ -107,29 +41,6 @@ class Prepared:
     tensor: np.ndarray
     geom: Geometry
     ms: float
-
-
-def make_decoder(task: str, session: Session, labels: tuple[str, ...], settings: DecodeSettings) -> Decoder:
-    """The task decoder bound to this model's outputs and settings."""
-    specs = list(session.outputs)
-    if task == "blazeface":
-        from agent.vision.blazeface import decode_blazeface
-
-        return lambda outs, geom: decode_blazeface(
-            outs, specs, geom, labels=labels or ("face",), threshold=settings.threshold,
-            iou_threshold=settings.iou_threshold, max_detections=settings.max_detections)
-    from agent.vision import decoders as d
-
-    params = DecodeParams(labels=labels, threshold=settings.threshold, top_k=settings.top_k,
-                            iou_threshold=settings.iou_threshold, max_detections=settings.max_detections,
-                            yolo_layout=settings.yolo_layout)
-    if task == "classification":
-        return lambda outs, geom: d.decode_classification(outs, specs, params)
-    if task == "ssd":
-        return lambda outs, geom: d.decode_ssd(outs, specs, geom, params)
-    if task == "yolo":
-        return lambda outs, geom: d.decode_yolo(outs, specs, geom, params)
-    return lambda outs, geom: d.decode_raw(outs, specs)
 
 
 # Outputs up to this size are copied and decoded off the frame loop; larger ones (YOLO at 640: 2.7 MB)
@@ -170,11 +81,13 @@ class Timings:
 class LoadedModel:
     """One model, loaded and warmed, that turns a frame into results."""
 
-    def __init__(self, info: ModelInfo, session: Session, preprocessor: Preprocessor, decoder: Decoder):
+    def __init__(self, info: ModelInfo, session: Session, preprocessor: Preprocessor, decoder: Decoder,
+                 choice: RuntimeChoice | None = None):
         self.info = info
         self.session = session
         self.preprocessor = preprocessor
         self.decoder = decoder
+        self.choice = choice  # what the probe picked and why (status reports the reason)
         # Write straight into the TFLite interpreter's input buffer when it offers one.
         self._input_view = getattr(session, "input_view", None) if len(session.inputs) == 1 else None
         self._reuses_outputs = session.reuses_outputs  # part of the Session protocol: no silent default
@@ -262,49 +175,3 @@ class LoadedModel:
 
     def close(self) -> None:
         self.session.close()
-
-
-def load_model(path: Path, choose, *, task: str | None = None, labels_file: Path | None = None,
-               threshold: float | None = None, threads: int = 0, cache_dir: Path | None = None,
-               name: str | None = None, version: str | None = None) -> LoadedModel:
-    """Read the manifest, pick the backend (``choose(format) -> RuntimeChoice``), load, warm up."""
-    from agent.runtimes import open_session
-    from agent.runtimes.tflite import embedded_labels
-
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    fmt = detect_format(path)
-    manifest = read_manifest(path)
-    task = task or manifest.task
-    if task is None:
-        raise ManifestError(f"{path}: no task given; set model.task in the config or task: in model.yaml")
-    settings = manifest.decode.model_copy(update={"threshold": threshold} if threshold is not None else {})
-    sha = file_sha256(path)
-    session = open_session(path, choose(fmt), threads=threads, cache_dir=cache_dir, model_sha256=sha)
-    try:
-        if labels_file is not None:
-            labels = read_labels(labels_file)
-        elif manifest.labels:
-            labels = tuple(manifest.labels)
-        elif manifest.labels_file:
-            labels = read_labels(path.parent / manifest.labels_file)
-        elif fmt == "tflite":
-            labels = embedded_labels(path)
-        else:
-            labels = ()
-        pre = manifest.preprocess
-        if task == "yolo":  # Ultralytics exports carry class names and input size in their metadata
-            from agent.vision.decoders import yolo_meta
-
-            names, imgsz = yolo_meta(session.metadata)
-            labels = labels or names or ()
-            if pre.size is None and imgsz and any(d < 0 for d in session.inputs[0].shape):
-                pre = pre.model_copy(update={"size": imgsz})
-        preprocessor = Preprocessor(session.inputs[0], pre)
-        decoder = make_decoder(task, session, labels, settings)
-    except Exception:
-        session.close()
-        raise
-    info = ModelInfo(name=name or manifest.name or path.stem, version=version or manifest.version,
-                     sha256=sha, format=fmt, task=task, path=str(path))
-    return LoadedModel(info, session, preprocessor, decoder)

@@ -8,6 +8,8 @@ import numpy as np
 
 from agent.runtimes.base import TensorSpec, dequantize
 from agent.vision.geometry import Geometry
+from agent.vision.params import DecodeParams
+from agent.vision.registry import Task
 from agent.vision.results import Detection
 
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion", "left_ear_tragion")
@@ -106,3 +108,12 @@ def decode_blazeface(outputs: list[np.ndarray], specs: list[TensorSpec], geom: G
             keypoints=tuple(geom.point_to_frame(float(x), float(y)) for x, y in kp),
         ))
     return out
+
+
+def _bind(specs: list[TensorSpec], params: DecodeParams):
+    return lambda outs, geom: decode_blazeface(outs, specs, geom, labels=params.labels, threshold=params.threshold,
+                                               iou_threshold=params.iou_threshold,
+                                               max_detections=params.max_detections)
+
+
+TASK = Task("blazeface", _bind)  # no labels: every box is a "face"

@@ -1,30 +1,14 @@
-"""Turn raw model outputs into results: classification, SSD and YOLO detection, raw tensor summaries.
-
-Every decoder takes the outputs exactly as the runtime returned them (batch dim 1 included) and the
-runtime's output TensorSpecs in the same order, which carry the int8/uint8 quantisation parameters.
-"""
+"""Classification: the top-k classes of a score vector (probabilities, or logits softmaxed first)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from agent.runtimes.base import TensorSpec, dequantize
-from agent.vision.nms import label_name, nms
+from agent.vision.nms import label_name
 from agent.vision.params import DecodeParams
-from agent.vision.results import Classification, RawTensor
-from agent.vision.ssd import decode_ssd
-from agent.vision.yolo import decode_yolo, yolo_layout_of, yolo_meta
-
-__all__ = [
-    "DecodeParams",
-    "decode_classification",
-    "decode_raw",
-    "decode_ssd",
-    "decode_yolo",
-    "nms",
-    "yolo_layout_of",
-    "yolo_meta",
-]
+from agent.vision.registry import Task
+from agent.vision.results import Classification
 
 # A float output whose values sum to within this of 1 is already a probability distribution.
 _SUM_TOLERANCE = 0.05
@@ -55,30 +39,6 @@ def decode_classification(
     ]
 
 
-def decode_raw(outputs: list[np.ndarray], specs: list[TensorSpec]) -> list[RawTensor]:
-    """One summary per output; ``dtype`` is the tensor's own, the statistics are of its real values."""
-    results = []
-    for i, out in enumerate(outputs):
-        spec = specs[i] if i < len(specs) else None
-        real = dequantize(out, spec) if spec is not None else np.asarray(out, dtype=np.float32)
-        name = spec.name if spec is not None else f"output_{i}"
-        if real.size == 0:
-            results.append(RawTensor(name, tuple(out.shape), str(out.dtype), 0.0, 0.0, 0.0, -1))
-            continue
-        results.append(
-            RawTensor(
-                name=name,
-                shape=tuple(int(d) for d in out.shape),
-                dtype=str(out.dtype),
-                min=float(real.min()),
-                max=float(real.max()),
-                mean=float(real.mean(dtype=np.float64)),
-                argmax=int(real.argmax()),
-            )
-        )
-    return results
-
-
 def _is_distribution(scores: np.ndarray, spec: TensorSpec | None) -> bool:
     """Whether scores already are probabilities: all in [0, 1] and summing to about 1."""
     lo, hi = float(scores.min()), float(scores.max())
@@ -94,3 +54,6 @@ def _is_distribution(scores: np.ndarray, spec: TensorSpec | None) -> bool:
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
+
+
+TASK = Task("classification", lambda specs, params: lambda outs, geom: decode_classification(outs, specs, params))
