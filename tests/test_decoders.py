@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from agent.runtimes.base import TensorSpec
+from agent.vision.geometry import Geometry
 from agent.vision.nms import nms
 from agent.vision.params import DecodeParams
 from agent.vision.tasks.classification import decode_classification
 from agent.vision.tasks.raw import decode_raw
 from agent.vision.tasks.ssd import decode_ssd
 from agent.vision.tasks.yolo import decode_yolo, yolo_layout_of, yolo_meta
-from agent.vision.geometry import Geometry
 
 COCO_80 = tuple(f"class{i}" for i in range(80))
 

@@ -16,11 +16,11 @@ from conftest import REPO
 from agent.ctl.local import format_report
 from agent.hardware.facts import HardwareFacts, RuntimeAvailability
 from agent.hardware.sensors import read_temperatures, read_throttled
+from agent.runtimes import inference_threads
 from agent.runtimes import tflite as tflite_mod
 from agent.runtimes.base import RuntimeChoice, RuntimeChoiceError
 from agent.runtimes.choice import choose_runtime, probe
 from agent.runtimes.tflite import is_edgetpu_model
-from agent.runtimes import inference_threads
 
 CPU_ORT = RuntimeAvailability("onnxruntime", True, "1.31.1", providers=("CPUExecutionProvider",))
 GPU_ORT = RuntimeAvailability(

@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from agent.vision.tasks.blazeface import anchors
 from conftest import ASTRONAUT_FACE, MODELS, astronaut, choose
 
 from agent.daemon.main import freeze_startup_objects
@@ -25,6 +24,7 @@ from agent.runtimes.onnx import OnnxSession
 from agent.runtimes.tflite import TFLiteSession, embedded_labels
 from agent.vision.geometry import Geometry
 from agent.vision.preprocess import Preprocessor, PreprocessSpec
+from agent.vision.tasks.blazeface import anchors
 
 
 def iou(a, b) -> float:

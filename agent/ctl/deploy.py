@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -13,24 +12,21 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
 import paho.mqtt.client as paho
 
 from agent.ctl.client import MqttSession, ctl_config, json_object
-from agent.ctl.errors import EXIT_FAILED, EXIT_OK, CtlError, UsageError
+from agent.ctl.errors import EXIT_FAILED, EXIT_OK, UsageError
+from agent.deploy.golden import make_golden
 from agent.deploy.manifest import (
     DEFAULT_CHUNK_BYTES,
-    Golden,
     ManifestRejected,
     load_private_key,
     parse_manifest,
     public_key_text,
-    sample_output,
     sign,
 )
 from agent.inference.modelfile import declared_labels, file_sha256, read_manifest
-from agent.messaging.topics import Topics, device_of
+from agent.messaging.topics import Topics, chunk_topic, device_of, group_deploy
 from agent.runtimes import detect_format
 from agent.vision.registry import task_names
 from agent.vocab import TERMINAL_STATES
@@ -39,33 +35,6 @@ from agent.vocab import TERMINAL_STATES
 def safe_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
     return name[:100]
-
-
-def golden_frame() -> np.ndarray:
-    """A deterministic 160x120 test card: gradients and blocks, so every model gets a varied input."""
-    x = np.linspace(0, 255, 160, dtype=np.float32)
-    y = np.linspace(0, 255, 120, dtype=np.float32)[:, None]
-    img = np.stack([np.broadcast_to(x, (120, 160)), np.broadcast_to(y, (120, 160)),
-                    np.broadcast_to((x[None, :] + y) / 2, (120, 160))], axis=2).astype(np.uint8)
-    img[30:90, 50:110] = (40, 200, 90)
-    return img
-
-
-def make_golden(model_path: Path, task: str) -> Golden:
-    """Run the model locally on the test card; the device must reproduce these outputs."""
-    from agent.inference.loader import load_model
-    from agent.runtimes.base import dequantize
-    from agent.runtimes.choice import chooser, probe
-
-    model = load_model(model_path, chooser(probe(check_runtimes="first"), model_path), task=task)
-    frame = golden_frame()
-    outputs, _ = model.run_raw(frame)
-    real = [dequantize(o, s) for o, s in zip(outputs, model.session.outputs, strict=True)]
-    model.close()
-    ok, png = cv2.imencode(".png", frame)
-    assert ok
-    return Golden(frame_png=base64.b64encode(png.tobytes()).decode(),
-                  outputs=[sample_output(i, o) for i, o in enumerate(real)])
 
 
 def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
@@ -154,7 +123,7 @@ class DeployRun:
         self.sent_group_chunks = False
         self.chunk_size = raw["source"].get("chunk_size", 0)
         if group:
-            self.manifest_topic = f"{self.prefix}/groups/{group}/deploy"
+            self.manifest_topic = group_deploy(self.prefix, group)
         else:
             self.manifest_topic = Topics(self.prefix, device).deploy
             self.targets[device] = Target(device)
@@ -167,7 +136,7 @@ class DeployRun:
 
     def publish_chunks(self, base: str, indices=None) -> None:
         for i, chunk in self.chunks(indices):
-            self.s.client.publish(f"{base}/{self.id}/chunk/{i}", chunk, qos=1)
+            self.s.client.publish(chunk_topic(base, self.id, i), chunk, qos=1)
 
     def on_event(self, msg: paho.MQTTMessage) -> None:
         dev = device_of(msg.topic, self.prefix)
@@ -187,7 +156,7 @@ class DeployRun:
                 if self.group and not self.sent_group_chunks:
                     self.sent_group_chunks = True
                     threading.Thread(target=self.publish_chunks, daemon=True,
-                                     args=(f"{self.prefix}/groups/{self.group}/deploy",)).start()
+                                     args=(group_deploy(self.prefix, self.group),)).start()
                 elif not self.group:
                     threading.Thread(target=self.publish_chunks, daemon=True,
                                      args=(Topics(self.prefix, dev).deploy,)).start()
@@ -286,65 +255,6 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
     return EXIT_FAILED
 
 
-def request(cfg, device: str, command: str, timeout: float) -> dict:
-    """Send one cmd to a device and wait for its response."""
-    topics = Topics(cfg.mqtt.prefix, device)
-    rid = uuid.uuid4().hex
-    got: dict = {}
-    done = threading.Event()
-
-    def on_resp(msg: paho.MQTTMessage) -> None:
-        data = json_object(msg)
-        if data and data.get("request_id") == rid:
-            got.update(data)
-            done.set()
-
-    s = MqttSession(cfg)
-    try:
-        s.subscribe(topics.cmd_response, on_resp)
-        s.publish(topics.cmd, json.dumps({"command": command, "request_id": rid}).encode(), qos=1)
-        if not done.wait(timeout):
-            raise CtlError(f"no answer from {device} within {timeout:.0f} s (is it online? agent-ctl status)")
-    finally:
-        s.close()
-    if not got.get("ok"):
-        raise CtlError(f"{device}: {command} failed: {got.get('error')}")
-    return got
-
-
-def device_request(args, command: str) -> tuple[str, dict]:
-    """The device named by --device (or the config's) and its answer to ``command``."""
-    cfg = ctl_config(args)
-    device = args.device or cfg.device_id
-    return device, request(cfg, device, command, args.timeout)
-
-
-def cmd_rollback(args) -> int:
-    device, resp = device_request(args, "rollback")
-    m = resp.get("model") or {}
-    print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
-    return EXIT_OK
-
-
-def cmd_models(args) -> int:
-    _, resp = device_request(args, "models")
-    if args.json:
-        print(json.dumps(resp, indent=2))
-        return EXIT_OK
-    for m in resp.get("models", []):
-        mark = "*" if m.get("active") else " "
-        print(f"{mark} {m.get('name')} {m.get('version')}  {m.get('format')}  {m.get('task')}  {str(m.get('sha256'))[:12]}")
-    return EXIT_OK
-
-
-def cmd_snapshot(args) -> int:
-    device, resp = device_request(args, "snapshot")
-    out = Path(args.out or f"{device}-snapshot.jpg")
-    out.write_bytes(base64.b64decode(resp["jpeg"]))
-    print(f"{out}: {resp['width']}x{resp['height']} frame from {device}")
-    return EXIT_OK
-
-
 def cmd_keygen(args) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -383,18 +293,6 @@ def add_parsers(sub) -> None:
     sp.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES // 1024,
                     help="MQTT chunk size in KiB (default 96: fits AWS IoT Core's 128 KiB limit)")
     sp.set_defaults(func=cmd_deploy)
-
-    for name, func, helptext in (("rollback", cmd_rollback, "roll a device back to its previous model"),
-                                 ("models", cmd_models, "models installed on a device (active marked *)"),
-                                 ("snapshot", cmd_snapshot, "save the device's newest frame as a JPEG")):
-        sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("--device", help="device id (default: the config's device_id)")
-        sp.add_argument("--timeout", type=float, default=30)
-        if name == "models":
-            sp.add_argument("--json", action="store_true")
-        if name == "snapshot":
-            sp.add_argument("--out", help="JPEG file (default: DEVICE-snapshot.jpg)")
-        sp.set_defaults(func=func)
 
     sp = sub.add_parser("keygen", help="write an Ed25519 key pair for signing deployments")
     sp.add_argument("--out", default="edge-agent-signing", help="file prefix: PREFIX.key and PREFIX.pub")

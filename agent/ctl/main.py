@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from agent import __version__
-from agent.ctl import deploy, fleet, local
+from agent.ctl import deploy, device, fleet, local
 from agent.ctl.bench import command as bench
 from agent.ctl.errors import EXIT_FAILED, EXIT_USAGE, CtlError, UsageError
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="broker URL, overriding the config: mqtt[s]://host:port")
     p.add_argument("--version", action="version", version=f"agent-ctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (local, fleet, deploy, bench):
+    for group in (local, fleet, deploy, device, bench):
         group.add_parsers(sub)
     return p
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
 
-import cv2
 import paho.mqtt.client as paho
 
-from agent import __version__
 from agent.camera import Capture, FrameSlot, make_source
 from agent.config import AgentConfig, ConfigError, load_config
-from agent.daemon.health import HealthSampler
+from agent.daemon.commands import Commands
+from agent.daemon.health import HealthSampler, OutboxHealth
+from agent.daemon.status import device_status, snapshot
 from agent.daemon.systemd import Notifier
 from agent.deploy.deployer import Deployer
 from agent.deploy.store import ModelStore
@@ -25,13 +24,13 @@ from agent.inference.pipeline import Pipeline
 from agent.messaging.delivery import DurableSender
 from agent.messaging.link import MqttLink
 from agent.messaging.outbox import Outbox, OutboxError
-from agent.messaging.publisher import PredictionPublisher, dumps
+from agent.messaging.payloads import CommandReply, dumps
+from agent.messaging.publisher import PredictionPublisher
 from agent.messaging.topics import Topics
 from agent.runtimes import RuntimeChoice, inference_threads
 from agent.runtimes.choice import chooser, probe
 
 log = logging.getLogger("agent")
-MAX_COMMAND_BYTES = 64 * 1024
 
 
 class Agent:
@@ -66,6 +65,11 @@ class Agent:
                                  load=lambda path: self._load(path), activate=self._swap,
                                  pipeline_stats=self.pipeline.stats, current_model=lambda: self.model)
         self.link.subscriptions = ((self.topics.cmd, 1), *self.deployer.subscriptions())
+        self.commands = Commands(respond=self._respond, deployer_request=self.deployer.request, handlers={
+            "reload": self._reload_command,
+            "status": lambda: CommandReply(True, result={"status": self.status_payload()}),
+            "snapshot": lambda: CommandReply(True, result=snapshot(self.pipeline.last_frame)),
+        })
         self.health = HealthSampler(state_dir=cfg.state_dir if cfg.state_dir.exists() else None)
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -117,90 +121,21 @@ class Agent:
 
     # -- MQTT -----------------------------------------------------------------------------------
     def status_payload(self, state: str = "online") -> dict:
-        info = self.model.session.info
-        return {
-            "state": state,
-            "ts": time.time(),
-            "device_id": self.cfg.device_id,
-            "groups": list(self.cfg.groups),
-            "boot_id": self.pipeline.boot_id,
-            "agent_version": __version__,
-            "platform": {"kind": self.facts.platform, "model": self.facts.model, "arch": self.facts.arch},
-            "backend": info.backend,
-            "accelerator": info.accelerator,
-            "runtime": {"module": info.module, "providers": list(info.providers), "reason": self.model.choice.reason if self.model.choice else None,
-                        "notes": list(info.notes)},
-            "model": self.model.info.to_json(),
-            "camera": {"source": self.source.name},
-        }
+        return device_status(state, device_id=self.cfg.device_id, groups=self.cfg.groups,
+                             boot_id=self.pipeline.boot_id, facts=self.facts, model=self.model,
+                             camera_source=self.source.name).to_json()
 
     def publish_status(self) -> None:
         self.link.publish(self.topics.status, dumps(self.status_payload()), qos=1, retain=True)
 
     def on_message(self, msg: paho.MQTTMessage) -> None:
         if msg.topic == self.topics.cmd:
-            self._on_command(msg)
+            self.commands.on_message(msg.topic, msg.payload, bool(msg.retain))
         elif not self.deployer.on_message(msg.topic, msg.payload, bool(msg.retain)):
             log.debug("ignoring a message on %s", msg.topic)
 
-    def _on_command(self, msg: paho.MQTTMessage) -> None:
-        if msg.retain:
-            # A retained command would re-run on every reconnect (restart loops): never act on one.
-            log.warning("ignoring a retained command on %s", msg.topic)
-            return
-        request_id = None
-        try:
-            if len(msg.payload) > MAX_COMMAND_BYTES:
-                raise ValueError(f"command payload is {len(msg.payload)} bytes; the limit is {MAX_COMMAND_BYTES}")
-            req = json.loads(msg.payload)
-            if not isinstance(req, dict):
-                raise ValueError("command must be a JSON object")
-            rid = req.get("request_id")
-            if rid is not None and not (isinstance(rid, str) and len(rid) <= 128
-                                        or isinstance(rid, int) and not isinstance(rid, bool)):
-                raise ValueError("request_id must be a string of at most 128 characters or an integer")
-            request_id = rid
-            command = req.get("command")
-            if not isinstance(command, str):
-                raise ValueError("command must be a string: rollback, models, snapshot, reload or status")
-            if command in ("rollback", "models"):
-                rid = request_id
-                self.deployer.request(command, lambda result: self._respond({"request_id": rid, **result}))
-                return
-            if command == "reload":
-                self._reload.set()
-                result: dict = {}
-            elif command == "status":
-                result = {"status": self.status_payload()}
-            elif command == "snapshot":
-                result = self._snapshot()
-            else:
-                raise ValueError(f"unknown command {command[:40]!r}; expected one of: rollback, models, snapshot, "
-                                 "reload, status")
-            response = {"request_id": request_id, "ok": True, "error": None, **result}
-        except (ValueError, UnicodeDecodeError) as exc:
-            response = {"request_id": request_id, "ok": False, "error": str(exc)}
-        self._respond(response)
-
     def _respond(self, response: dict) -> None:
         self.link.publish(self.topics.cmd_response, dumps(response), qos=1)
-
-    def _snapshot(self) -> dict:
-        """The newest frame as a small JPEG (base64) with the predictions made on it."""
-        import base64
-
-
-        frame = self.pipeline.last_frame
-        if frame is None:
-            raise ValueError("no frame captured yet")
-        h, w = frame.image.shape[:2]
-        scale = min(1.0, 640 / w)
-        img = cv2.resize(frame.image, (int(w * scale), int(h * scale))) if scale < 1 else frame.image
-        ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
-        if not ok:
-            raise ValueError("could not encode the frame")
-        return {"frame_ts": frame.ts, "width": img.shape[1], "height": img.shape[0],
-                "jpeg": base64.b64encode(jpeg.tobytes()).decode()}
 
     # -- running --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -250,8 +185,8 @@ class Agent:
     def _publish_health(self) -> None:
         health = self.health.sample(pipeline=self.pipeline, capture=self.capture, slot=self.slot, mqtt=self.link,
                                     model_info=self.model.info, outbox_depth=self.durable.depth)
-        health.outbox = {"depth": health.outbox_depth, "dropped": self.durable.dropped,
-                         "error": self.durable.last_error, "predictions_dropped": self.publisher.dropped}
+        health.outbox = OutboxHealth(health.outbox_depth, self.durable.dropped, self.durable.last_error,
+                                     self.publisher.dropped)
         self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True)
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 
@@ -282,6 +217,10 @@ class Agent:
     def request_reload(self) -> None:
         """Re-read the config on the main loop (SIGHUP, the reload command)."""
         self._reload.set()
+
+    def _reload_command(self) -> CommandReply:
+        self.request_reload()
+        return CommandReply(True)
 
     def shutdown(self) -> int:
         t0 = time.monotonic()

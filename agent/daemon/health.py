@@ -13,6 +13,30 @@ from agent.hardware import sensors
 from agent.stats import percentiles
 
 
+@dataclass(frozen=True)
+class CameraHealth:
+    state: str
+    source: str
+    reopens: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class MqttHealth:
+    state: str
+    sent: int
+    unsent: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class OutboxHealth:
+    depth: int
+    dropped: int
+    error: str | None
+    predictions_dropped: int
+
+
 @dataclass
 class Health:
     ts: float
@@ -24,8 +48,8 @@ class Health:
     frames_processed: int
     frames_dropped: int
     inference_errors: int
-    camera: dict  # state, source, reopens, error
-    mqtt: dict  # state, sent, unsent
+    camera: CameraHealth
+    mqtt: MqttHealth
     cpu_percent: float
     rss_mb: float
     temperature_c: dict[str, float]
@@ -34,7 +58,7 @@ class Health:
     disk_free_mb: float | None
     outbox_depth: int
     model: dict
-    outbox: dict | None = None
+    outbox: OutboxHealth | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -77,9 +101,8 @@ class HealthSampler:
             frames_processed=stats.processed,
             frames_dropped=slot.dropped,
             inference_errors=stats.errors,
-            camera={"state": capture.state, "source": capture.source.name, "reopens": capture.reopens,
-                    "error": capture.last_error},
-            mqtt={"state": mqtt.state, "sent": mqtt.sent, "unsent": mqtt.unsent, "error": mqtt.last_error},
+            camera=CameraHealth(capture.state, capture.source.name, capture.reopens, capture.last_error),
+            mqtt=MqttHealth(mqtt.state, mqtt.sent, mqtt.unsent, mqtt.last_error),
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
             temperature_c=sensors.read_temperatures(zones=self._zones),

@@ -1,4 +1,4 @@
-"""The deployment manifest: schema, canonical form, Ed25519 signatures, golden-output checks."""
+"""The deployment manifest: schema, canonical form, Ed25519 signatures."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.deploy.golden import Golden
 from agent.runtimes.registry import format_names
 from agent.vision.params import DecodeSettings, PreprocessSpec
 from agent.vision.registry import check_task
@@ -65,25 +65,6 @@ class MqttSource(_Strict):
 class UrlSource(_Strict):
     type: Literal["url"]
     url: str = Field(pattern=r"^(https?|file)://", max_length=4096)
-
-
-class GoldenOutput(_Strict):
-    index: int = Field(ge=0)
-    shape: list[int]
-    stride: int = Field(gt=0)
-    values: list[float] = Field(max_length=1024)
-    mean: float
-    std: float
-
-
-class Golden(_Strict):
-    """A small frame and samples of the raw outputs it gave where the deployment was made."""
-
-    frame_png: str = Field(max_length=96 * 1024)  # base64
-    outputs: list[GoldenOutput]
-    atol: float = Field(1e-3, ge=0)
-    rtol: float = Field(1e-2, ge=0)
-    max_mismatch: float = Field(0.01, ge=0, le=1, description="fraction of samples allowed outside tolerance")
 
 
 class DeploymentManifest(_Strict):
@@ -183,33 +164,3 @@ def check_signature(raw: dict, trusted: list[Ed25519PublicKey]) -> None:
         except InvalidSignature:
             continue
     raise ManifestRejected("bad signature: no trusted key signed this manifest (or it was changed after signing)")
-
-
-# -- golden outputs -------------------------------------------------------------------------------
-
-def sample_output(index: int, arr: np.ndarray, n: int = 256) -> GoldenOutput:
-    flat = np.asarray(arr, np.float64).ravel()
-    stride = max(1, flat.size // n)
-    values = flat[::stride][:n]
-    return GoldenOutput(index=index, shape=list(arr.shape), stride=stride, values=[float(v) for v in values],
-                        mean=float(flat.mean()) if flat.size else 0.0, std=float(flat.std()) if flat.size else 0.0)
-
-
-def compare_golden(golden: Golden, outputs: list[np.ndarray]) -> str | None:
-    """None when the outputs match the golden samples within tolerance, else what differs."""
-    if len(outputs) <= max((g.index for g in golden.outputs), default=-1):
-        return f"the model has {len(outputs)} outputs; the golden data has more"
-    for g in golden.outputs:
-        arr = np.asarray(outputs[g.index], np.float64)
-        if list(arr.shape) != g.shape:
-            return f"output {g.index} has shape {list(arr.shape)}, expected {g.shape}"
-        got = arr.ravel()[:: g.stride][: len(g.values)]
-        exp = np.asarray(g.values)
-        if not np.isfinite(got).all():
-            return f"output {g.index} has NaN or infinite values on the golden frame"
-        bad = np.abs(got - exp) > golden.atol + golden.rtol * np.abs(exp)
-        if bad.mean() > golden.max_mismatch:
-            worst = float(np.abs(got - exp).max())
-            return (f"output {g.index} differs from the golden output on {int(bad.sum())} of {bad.size} samples "
-                    f"(largest difference {worst:.4g})")
-    return None

@@ -97,7 +97,8 @@ def validate_in_child(model_path: Path, manifest: dict, *, backend: str = "auto"
 def _check(model_path: Path, spec: dict) -> dict:
     import cv2
 
-    from agent.deploy.manifest import DeploymentManifest, compare_golden
+    from agent.deploy.golden import compare_golden
+    from agent.deploy.manifest import DeploymentManifest
     from agent.inference.loader import load_model
     from agent.runtimes.choice import chooser, probe
 

@@ -31,7 +31,7 @@ def main() -> None:
     from agent.inference.loader import load_model
     from agent.inference.pipeline import Prediction
     from agent.messaging.outbox import Outbox
-    from agent.messaging.publisher import dumps
+    from agent.messaging.payloads import dumps
     from agent.runtimes.choice import chooser, probe
 
     path = ROOT / "models/face/blazeface.tflite"

@@ -1,0 +1,88 @@
+"""agent-ctl rollback, models and snapshot: one command to one device, one answer back."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from agent.ctl.client import MqttSession, ctl_config, json_object
+from agent.ctl.errors import EXIT_OK, CtlError
+from agent.messaging.topics import Topics
+
+
+def request(cfg, device: str, command: str, timeout: float) -> dict:
+    """Send one cmd to a device and wait for its response."""
+    topics = Topics(cfg.mqtt.prefix, device)
+    rid = uuid.uuid4().hex
+    got: dict = {}
+    done = threading.Event()
+
+    def on_resp(msg: paho.MQTTMessage) -> None:
+        data = json_object(msg)
+        if data and data.get("request_id") == rid:
+            got.update(data)
+            done.set()
+
+    s = MqttSession(cfg)
+    try:
+        s.subscribe(topics.cmd_response, on_resp)
+        s.publish(topics.cmd, json.dumps({"command": command, "request_id": rid}).encode(), qos=1)
+        if not done.wait(timeout):
+            raise CtlError(f"no answer from {device} within {timeout:.0f} s (is it online? agent-ctl status)")
+    finally:
+        s.close()
+    if not got.get("ok"):
+        raise CtlError(f"{device}: {command} failed: {got.get('error')}")
+    return got
+
+
+def device_request(args, command: str) -> tuple[str, dict]:
+    """The device named by --device (or the config's) and its answer to ``command``."""
+    cfg = ctl_config(args)
+    device = args.device or cfg.device_id
+    return device, request(cfg, device, command, args.timeout)
+
+
+def cmd_rollback(args) -> int:
+    device, resp = device_request(args, "rollback")
+    m = resp.get("model") or {}
+    print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    _, resp = device_request(args, "models")
+    if args.json:
+        print(json.dumps(resp, indent=2))
+        return EXIT_OK
+    for m in resp.get("models", []):
+        mark = "*" if m.get("active") else " "
+        print(f"{mark} {m.get('name')} {m.get('version')}  {m.get('format')}  {m.get('task')}  {str(m.get('sha256'))[:12]}")
+    return EXIT_OK
+
+
+def cmd_snapshot(args) -> int:
+    device, resp = device_request(args, "snapshot")
+    out = Path(args.out or f"{device}-snapshot.jpg")
+    out.write_bytes(base64.b64decode(resp["jpeg"]))
+    print(f"{out}: {resp['width']}x{resp['height']} frame from {device}")
+    return EXIT_OK
+
+
+def add_parsers(sub) -> None:
+    for name, func, helptext in (("rollback", cmd_rollback, "roll a device back to its previous model"),
+                                 ("models", cmd_models, "models installed on a device (active marked *)"),
+                                 ("snapshot", cmd_snapshot, "save the device's newest frame as a JPEG")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--device", help="device id (default: the config's device_id)")
+        sp.add_argument("--timeout", type=float, default=30)
+        if name == "models":
+            sp.add_argument("--json", action="store_true")
+        if name == "snapshot":
+            sp.add_argument("--out", help="JPEG file (default: DEVICE-snapshot.jpg)")
+        sp.set_defaults(func=func)

@@ -1,0 +1,79 @@
+"""What the status topic (and the status and snapshot commands) say about this device."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import asdict, dataclass
+
+import cv2
+
+from agent import __version__
+from agent.camera import Frame
+from agent.hardware.facts import HardwareFacts
+from agent.inference.loaded import LoadedModel
+
+SNAPSHOT_MAX_WIDTH = 640
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    kind: str  # raspberry-pi | jetson | generic
+    model: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    module: str
+    providers: list[str]
+    reason: str | None
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Status:
+    """The retained status payload (docs/mqtt.md); the last will says only ``{"state": "offline"}``."""
+
+    state: str  # online | offline
+    ts: float
+    device_id: str
+    groups: list[str]
+    boot_id: str
+    agent_version: str
+    platform: PlatformInfo
+    backend: str
+    accelerator: str
+    runtime: RuntimeInfo
+    model: dict
+    camera: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def device_status(state: str, *, device_id: str, groups: list[str], boot_id: str, facts: HardwareFacts,
+                  model: LoadedModel, camera_source: str) -> Status:
+    info = model.session.info
+    return Status(
+        state=state, ts=time.time(), device_id=device_id, groups=list(groups), boot_id=boot_id,
+        agent_version=__version__, platform=PlatformInfo(facts.platform, facts.model, facts.arch),
+        backend=info.backend, accelerator=info.accelerator,
+        runtime=RuntimeInfo(info.module, list(info.providers), model.choice.reason if model.choice else None,
+                            list(info.notes)),
+        model=model.info.to_json(), camera={"source": camera_source},
+    )
+
+
+def snapshot(frame: Frame | None) -> dict:
+    """The newest frame as a small JPEG (base64): what the snapshot command answers."""
+    if frame is None:
+        raise ValueError("no frame captured yet")
+    h, w = frame.image.shape[:2]
+    scale = min(1.0, SNAPSHOT_MAX_WIDTH / w)
+    img = cv2.resize(frame.image, (int(w * scale), int(h * scale))) if scale < 1 else frame.image
+    ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    if not ok:
+        raise ValueError("could not encode the frame")
+    return {"frame_ts": frame.ts, "width": img.shape[1], "height": img.shape[0],
+            "jpeg": base64.b64encode(jpeg.tobytes()).decode()}
