@@ -8,7 +8,7 @@ one is adding a file.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 # -- deployments --------------------------------------------------------------------------------
 DeployState = Literal["received", "downloading", "verifying", "validating", "activating", "active",
@@ -32,9 +32,9 @@ def is_safe_id(value: object) -> bool:
 
 # -- runtime choice -----------------------------------------------------------------------------
 AUTO = "auto"
-# What runtime.accelerator accepts (besides auto) and what status reports: xnnpack is TFLite's CPU path.
-ACCELERATORS = ("cpu", "edgetpu", "cuda", "tensorrt")
+# What runtime.accelerator accepts. Status may also report xnnpack: TFLite's CPU path, not a choice.
 Accelerator = Literal["auto", "cpu", "edgetpu", "cuda", "tensorrt"]
+ACCELERATORS: tuple[str, ...] = tuple(a for a in get_args(Accelerator) if a != AUTO)
 
 
 def one_of(values: tuple[str, ...] | list[str]) -> str:

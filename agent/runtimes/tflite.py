@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # The import order is the preference order: the slim Pi wheel first, then its successor, then full TF.
 # The probe and status name the packages; the session imports their interpreter modules.
 PACKAGES = ("tflite_runtime", "ai_edge_litert", "tensorflow.lite")
-MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter", "tensorflow.lite")
+MODULES = tuple(p if p == "tensorflow.lite" else f"{p}.interpreter" for p in PACKAGES)
 PIP_NAMES = {"tflite_runtime": "tflite-runtime", "ai_edge_litert": "ai-edge-litert", "tensorflow.lite": "tensorflow"}
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 
