@@ -7,64 +7,32 @@ model.yaml, manifests and the model store know exactly the formats something her
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import threading
 from pathlib import Path
 
+from agent.registry import Registry
 from agent.runtimes.base import Backend, ModelFormat
 
-_lock = threading.Lock()
-_backends: dict[str, Backend] = {}
-_found = False
-
-
-def _discover() -> None:
-    global _found
-    with _lock:
-        if _found:
-            return
-        package = importlib.import_module("agent.runtimes")
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-            module = importlib.import_module(f"agent.runtimes.{info.name}")
-            backend = getattr(module, "BACKEND", None)
-            if backend is not None:
-                _backends.setdefault(backend.name, backend)
-        _found = True
-
-
-def register(backend: Backend) -> None:
-    """Add a backend from outside agent/runtimes/ (after the built-in ones; a taken name is an error)."""
-    _discover()
-    with _lock:
-        if backend.name in _backends:
-            raise ValueError(f"a runtime backend named {backend.name!r} is already registered")
-        _backends[backend.name] = backend
-
-
-def unregister(name: str) -> None:
-    """Remove a backend added with ``register`` (tests clean up with it)."""
-    with _lock:
-        _backends.pop(name, None)
+_backends: Registry[Backend] = Registry("agent.runtimes", "BACKEND", "runtime backend",
+                                       order=lambda b: (b.rank, b.name))
+register = _backends.register
+unregister = _backends.unregister
 
 
 def backends() -> list[Backend]:
     """Every backend, by rank (then name)."""
-    _discover()
-    return sorted(_backends.values(), key=lambda b: (b.rank, b.name))
+    return _backends.all()
 
 
 def backend(name: str) -> Backend:
     """The backend called ``name``; KeyError names the ones there are."""
-    _discover()
-    try:
-        return _backends[name]
-    except KeyError:
-        raise KeyError(f"no runtime backend {name!r}; there are {', '.join(_backends)}") from None
+    found = _backends.get(name)
+    if found is None:
+        raise KeyError(f"no runtime backend {name!r}; there are {', '.join(backend_names())}")
+    return found
 
 
 def backend_names() -> tuple[str, ...]:
-    return tuple(b.name for b in backends())
+    return _backends.names()
 
 
 def formats() -> list[ModelFormat]:

@@ -6,14 +6,12 @@ adding that file (see docs/architecture.md); ``register`` adds one from outside 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from agent.registry import Registry
 from agent.runtimes.base import TensorSpec
 from agent.vision.geometry import Geometry
 from agent.vision.params import DecodeParams
@@ -42,51 +40,21 @@ class Task:
     hints: Callable[[Mapping[str, str]], tuple[tuple[str, ...] | None, tuple[int, int] | None]] = _no_hints
 
 
-_lock = threading.Lock()
-_tasks: dict[str, Task] = {}
-_found = False
-
-
-def _discover() -> None:
-    global _found
-    with _lock:
-        if _found:
-            return
-        package = importlib.import_module("agent.vision.tasks")
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-            task = getattr(importlib.import_module(f"agent.vision.tasks.{info.name}"), "TASK", None)
-            if task is not None:
-                _tasks.setdefault(task.name, task)
-        _found = True
-
-
-def register(task: Task) -> None:
-    """Add a task from outside agent/vision/tasks/ (a taken name is an error)."""
-    _discover()
-    with _lock:
-        if task.name in _tasks:
-            raise ValueError(f"a task named {task.name!r} is already registered")
-        _tasks[task.name] = task
-
-
-def unregister(name: str) -> None:
-    """Remove a task added with ``register`` (tests clean up with it)."""
-    with _lock:
-        _tasks.pop(name, None)
+_tasks: Registry[Task] = Registry("agent.vision.tasks", "TASK", "task")
+register = _tasks.register
+unregister = _tasks.unregister
 
 
 def task(name: str) -> Task:
     """The task called ``name``; ValueError names the ones there are."""
-    _discover()
-    try:
-        return _tasks[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; expected {one_of(tuple(_tasks))}") from None
+    found = _tasks.get(name)
+    if found is None:
+        raise ValueError(f"unknown task {name!r}; expected {one_of(task_names())}")
+    return found
 
 
 def task_names() -> tuple[str, ...]:
-    _discover()
-    return tuple(_tasks)
+    return _tasks.names()
 
 
 def check_task(name: str | None) -> str | None:
