@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from agent.config import BUNDLE_ROOT, CameraConfig
-from agent.threads import name_this_thread
+from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 
 from agent.hardware import sensors
-from agent.stats import percentiles
+from agent.support.stats import percentiles
 
 
 @dataclass(frozen=True)

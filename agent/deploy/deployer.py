@@ -37,8 +37,8 @@ from agent.deploy.validate import BACKGROUND_NICE, ValidationFailed
 from agent.inference.loaded import LoadedModel
 from agent.messaging.payloads import CommandReply
 from agent.messaging.topics import Topics, chunk_filter, parse_deploy_topic
-from agent.stats import percentile
-from agent.threads import name_this_thread, nice_this_thread
+from agent.support.stats import percentile
+from agent.support.threads import name_this_thread, nice_this_thread
 from agent.vocab import FAILED_STATES, is_safe_id
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.inference.loaded import LoadedModel
-from agent.stats import percentile
+from agent.support.stats import percentile
 
 MIN_FRAMES = 30  # latency is judged only after this many frames on the new model
 MIN_EXTRA_MS = 5.0  # ... and only a p95 this much over the old one counts

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from agent.camera import Frame, FrameSlot
 from agent.inference.loaded import Inferred, LoadedModel, ModelInfo, Timings
-from agent.threads import name_this_thread
+from agent.support.threads import name_this_thread
 from agent.vision.results import Result
 
 log = logging.getLogger(__name__)

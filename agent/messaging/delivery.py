@@ -15,7 +15,7 @@ from collections import deque
 
 from agent.messaging.link import MqttLink
 from agent.messaging.outbox import Outbox, OutboxError
-from agent.threads import name_this_thread
+from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 HEARD_KEEP_S = 1.0  # an early PUBACK is booked within milliseconds of its publish

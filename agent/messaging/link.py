@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttConfig
-from agent.threads import name_this_thread
+from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"

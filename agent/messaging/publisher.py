@@ -12,7 +12,7 @@ from typing import Any
 from agent.inference.pipeline import Prediction
 from agent.messaging.link import MqttLink
 from agent.messaging.payloads import dumps
-from agent.threads import name_this_thread
+from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 # Batch predictions only when they are made faster than this (100/s). Each send wakes paho's thread

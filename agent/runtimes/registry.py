@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.registry import Registry
 from agent.runtimes.base import Backend, ModelFormat
+from agent.support.registry import Registry
 
 _backends: Registry[Backend] = Registry("agent.runtimes", "BACKEND", "runtime backend",
                                        order=lambda b: (b.rank, b.name))

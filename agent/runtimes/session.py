@@ -12,7 +12,7 @@ import numpy as np
 
 from agent.runtimes import registry
 from agent.runtimes.base import ModelLoadError, RuntimeChoice, Session
-from agent.threads import name_this_thread
+from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 2

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.registry import Registry
 from agent.runtimes.base import TensorSpec
+from agent.support.registry import Registry
 from agent.vision.geometry import Geometry
 from agent.vision.params import DecodeParams
 from agent.vision.results import Result

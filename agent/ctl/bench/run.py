@@ -25,7 +25,7 @@ import numpy as np
 from agent.ctl.bench.bare import ROOT, BareChild
 from agent.ctl.bench.broker import LocalBroker
 from agent.ctl.bench.subscriber import BulkSubscriber
-from agent.stats import percentile
+from agent.support.stats import percentile
 
 SLICE_S = 1.0  # bare and agent take turns in slices this long, so a drifting machine hits both alike
 SETTLE_S = 0.1  # the start of each slice is not counted: the process is just waking up
