@@ -388,3 +388,16 @@ def test_a_newer_deployment_supersedes_one_stuck_waiting_for_chunks(device, brok
     assert r.returncode == 0, r.stderr
     old = [e for e in events(rec, raw["deployment_id"]) if e["state"] == "failed"]
     assert old and "superseded" in old[-1]["error"]
+
+
+def test_a_device_and_group_whose_names_contain_deploy_still_take_deployments(device, tmp_path):
+    # Topics are parsed level by level: cutting at the first "/deploy" made edge/deploy-cam-1/deploy
+    # look like a foreign topic, and the device ignored every deployment (and its group's) in silence.
+    cfg, agent, rec = device(device_id="deploy-cam-1", groups=["deploy-lobby"], deploy={"probation_s": 0})
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "d", "m.onnx")
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    r = ctl(agent.config_path, "deploy", str(model), "--group", "deploy-lobby", "--version", "3.0.0",
+            "--timeout", "60")
+    assert r.returncode == 0 and "active on 1 device(s)" in r.stderr, r.stderr
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "3.0.0", count=3)

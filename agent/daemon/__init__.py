@@ -1,5 +1,1 @@
-"""The daemon: ``python -m agent.daemon`` or the ``edge-agent`` script (what systemd starts)."""
-
-from agent.daemon.main import main
-
-__all__ = ["main"]
+"""The daemon: ``python -m agent.daemon`` or the ``edge-agent`` script (what systemd starts; agent.daemon.main)."""
