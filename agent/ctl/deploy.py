@@ -1,4 +1,4 @@
-"""agent-ctl deploy / rollback / models / snapshot / keygen: deployment as an MQTT client."""
+"""agent-ctl deploy and agent-ctl keygen: a signed manifest published, its chunks served, every target followed."""
 
 from __future__ import annotations
 

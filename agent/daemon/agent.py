@@ -1,4 +1,5 @@
-"""The composition root: builds the parts from config, wires them, handles signals."""
+"""The composition root: builds the parts from config, wires them, and runs the main loop (readiness,
+watchdog, health, reload, shutdown)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Getting a deployment's bytes into staging: MQTT chunks (resumable, asking again for what is missing) or a URL."""
+"""The downloading state: transfer's chunk receiver or URL download driven to the end, with progress events
+and requests for missing chunks."""
 
 from __future__ import annotations
 

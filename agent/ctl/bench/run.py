@@ -1,4 +1,4 @@
-"""agent-ctl bench: the bare interpreter and the whole agent on the same model, threads and machine.
+"""The bench's measurements: the bare loop and the agent taking turns at full rate, then the agent at 15 fps.
 
 Bare: the runtime invoked back to back on a ready input tensor, in a child process (its RSS is its
 own). Agent: the daemon as a subprocess (capture at 640x480, preprocess, inference, decode, MQTT
