@@ -13,7 +13,7 @@ fi
 
 read -r URL HOST PORT PREFIX DEVICE < <("$VENV/bin/python" - <<'PY'
 from agent.config import load_config
-from agent.mqtt import parse_url
+from agent.messaging.link import parse_url
 c = load_config()
 e = parse_url(c.mqtt.url)
 print(c.mqtt.url, e.host, e.port, c.mqtt.prefix, c.device_id)

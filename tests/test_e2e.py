@@ -203,3 +203,28 @@ def test_mqtt_3_1_1_works_too_last_will_included(broker, recorder_factory, agent
     agent.signal(signal.SIGKILL)
     agent.wait(5)
     rec.wait_json("/status", lambda m: m["state"] == "offline", timeout=15)
+
+
+def test_make_run_starts_the_bundled_default_and_says_where_predictions_go(broker, recorder_factory, tmp_path):
+    # scripts/run.sh (what `make run` runs) reads the config through the package before it starts the
+    # agent; an import it names that moved would stop a new user's first command.
+    import os
+
+    rec = recorder_factory(broker, "edge/make-run/#")
+    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "EDGE_AGENT__MQTT__URL": broker.url,
+           "EDGE_AGENT__STATE_DIR": str(tmp_path / "state"), "EDGE_AGENT__DEVICE_ID": "make-run"}
+    proc = subprocess.Popen(["bash", "scripts/run.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def predicting() -> bool:
+        if proc.poll() is not None:  # e.g. the config could not be read: fail now, with its output
+            raise AssertionError(f"scripts/run.sh exited with {proc.returncode}:\n{proc.stdout.read()}")
+        return len(rec.json("/predictions")) >= 3
+
+    try:
+        wait_until(predicting, 40, what="predictions from make run's agent")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=20)[0]
+    assert "run: predictions go to edge/make-run/predictions on " + broker.url in out, out
+    assert proc.returncode == 0, out
