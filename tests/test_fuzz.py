@@ -98,3 +98,14 @@ def test_fuzzed_messages_on_every_input_topic_never_stop_the_frame_loop(live_age
     assert agent.proc.poll() is None
     assert "Traceback" not in agent.log(), agent.log()[-2000:]
     wait_until(lambda: rec.json("/health"), 10, what="health")
+
+
+def test_a_command_nested_too_deeply_to_parse_is_answered_and_the_next_one_too(live_agent):
+    cfg, agent, rec = live_agent
+    dev = cfg["device_id"]
+    rec.client.publish(f"edge/{dev}/cmd", b"[" * 60_000, qos=1).wait_for_publish(5)  # within the 64 KiB limit
+    rec.client.publish(f"edge/{dev}/cmd", b'{"command": "status", "request_id": "after"}', qos=1).wait_for_publish(5)
+    nested = rec.wait_json("/cmd/response", lambda r: r["ok"] is False)[0]
+    assert nested["request_id"] is None and "nested too deeply" in nested["error"]
+    assert rec.wait_json("/cmd/response", lambda r: r.get("request_id") == "after")[0]["ok"] is True
+    assert "Traceback" not in agent.log(), agent.log()[-2000:]

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
+from agent.ctl.args import SECONDS, number
 from agent.ctl.client import MqttSession, ctl_config, json_object
 from agent.ctl.errors import EXIT_FAILED, EXIT_OK, UsageError
 from agent.deploy.golden import make_golden
 from agent.deploy.manifest import (
     DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
     ManifestRejected,
     load_private_key,
     parse_manifest,
@@ -264,11 +266,15 @@ def cmd_keygen(args) -> int:
             raise UsageError(f"{p} exists; pass --force to replace it")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
     public = public_key_text(key.public_key())
-    pub_path.write_text(public + "\n")
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        pub_path.write_text(public + "\n")
+    except OSError as exc:
+        key_path.unlink(missing_ok=True)  # never half a pair
+        raise UsageError(f"--out {args.out}: cannot write {exc.filename or key_path} ({exc.strerror})") from None
     print(f"private key: {key_path} (keep it secret; agent-ctl deploy --sign-key {key_path})")
     print(f"public key:  {pub_path}")
     print("add to each device's agent.yaml:\n  deploy:\n    trusted_keys:\n      - " + public)
@@ -287,10 +293,11 @@ def add_parsers(sub) -> None:
     sp.add_argument("--labels", help="labels file, one per line")
     sp.add_argument("--url", help="devices download the model from this http(s)/file URL instead of MQTT chunks")
     sp.add_argument("--sign-key", help="Ed25519 private key (from agent-ctl keygen) to sign the manifest")
-    sp.add_argument("--timeout", type=float, default=300, help="seconds to wait for every target (default 300)")
+    sp.add_argument("--timeout", type=SECONDS, default=300, help="seconds to wait for every target (default 300)")
     sp.add_argument("--no-wait", action="store_true", help="publish and exit")
     sp.add_argument("--no-golden", action="store_true", help="skip the golden-output check")
-    sp.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES // 1024,
+    sp.add_argument("--chunk-kb", type=number(int, low=1, high=MAX_CHUNK_BYTES // 1024),
+                    default=DEFAULT_CHUNK_BYTES // 1024,
                     help="MQTT chunk size in KiB (default 96: fits AWS IoT Core's 128 KiB limit)")
     sp.set_defaults(func=cmd_deploy)
 

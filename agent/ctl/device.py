@@ -10,8 +10,9 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
+from agent.ctl.args import SECONDS
 from agent.ctl.client import MqttSession, ctl_config, json_object
-from agent.ctl.errors import EXIT_OK, CtlError
+from agent.ctl.errors import EXIT_OK, CtlError, UsageError
 from agent.messaging.topics import Topics
 
 
@@ -67,9 +68,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
+    if args.out and not Path(args.out).parent.is_dir():  # said before the device is asked
+        raise UsageError(f"--out {args.out}: no directory {Path(args.out).parent}")
     device, resp = device_request(args, "snapshot")
     out = Path(args.out or f"{device}-snapshot.jpg")
-    out.write_bytes(base64.b64decode(resp["jpeg"]))
+    try:
+        out.write_bytes(base64.b64decode(resp["jpeg"]))
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write it ({exc.strerror})") from None
     print(f"{out}: {resp['width']}x{resp['height']} frame from {device}")
     return EXIT_OK
 
@@ -80,7 +86,7 @@ def add_parsers(sub) -> None:
                                  ("snapshot", cmd_snapshot, "save the device's newest frame as a JPEG")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--device", help="device id (default: the config's device_id)")
-        sp.add_argument("--timeout", type=float, default=30)
+        sp.add_argument("--timeout", type=SECONDS, default=30)
         if name == "models":
             sp.add_argument("--json", action="store_true")
         if name == "snapshot":

@@ -10,6 +10,7 @@ import time
 import paho.mqtt.client as paho
 
 from agent.config import AgentConfig
+from agent.ctl.args import COUNT, SECONDS_OR_ZERO
 from agent.ctl.client import MqttSession, ctl_config, json_object
 from agent.ctl.errors import EXIT_FAILED, EXIT_OK
 from agent.messaging.topics import device_of
@@ -126,12 +127,12 @@ def add_parsers(sub) -> None:
     sp = sub.add_parser("status", help="status and last health of one device or all")
     sp.add_argument("--device", help="device id (default: all devices)")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--wait", type=float, default=1.0, help="seconds to gather retained messages (default 1)")
+    sp.add_argument("--wait", type=SECONDS_OR_ZERO, default=1.0, help="seconds to gather retained messages (default 1)")
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("watch", help="print live predictions")
     sp.add_argument("--device", help="device id (default: all devices)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
-    sp.add_argument("--count", type=int, default=0, help="stop after N predictions (exit 1 if fewer came)")
-    sp.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
+    sp.add_argument("--count", type=COUNT, default=0, help="stop after N predictions (exit 1 if fewer came)")
+    sp.add_argument("--seconds", type=SECONDS_OR_ZERO, default=0, help="stop after S seconds")
     sp.set_defaults(func=cmd_watch)

@@ -7,6 +7,7 @@ Each command group is one file that adds its own sub-commands: local (probe, con
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from agent import __version__
@@ -38,4 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent-ctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (agent-ctl probe --json | head): stop quietly. Python's own advice: point
+        # stdout at /dev/null so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED

@@ -42,6 +42,8 @@ def parse_request(payload: bytes) -> CommandRequest:
         req = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(str(exc)) from None
+    except RecursionError:  # 64 KiB of '[' nests deeper than the parser goes
+        raise BadRequest("command is nested too deeply to be a command") from None
     if not isinstance(req, dict):
         raise BadRequest("command must be a JSON object")
     rid = req.get("request_id")

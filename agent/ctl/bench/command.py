@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.ctl.args import COUNT, number
 from agent.ctl.bench.run import bench
 from agent.ctl.errors import EXIT_OK, CtlError, UsageError
 
@@ -26,12 +27,15 @@ def format_table(r: dict) -> str:
 
 
 def cmd_bench(args) -> int:
-    model = Path(args.model)
+    model = Path(args.model).resolve()  # the bare child runs from the repo root, not from here
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     source = args.source
-    if source != "synthetic" and not Path(source).exists():
-        raise UsageError(f"--source: {source} not found (synthetic, or a video file / images:DIR)")
+    if source != "synthetic":
+        kind, path = ("images:", source[7:]) if source.startswith("images:") else ("", source)
+        if not Path(path).exists():
+            raise UsageError(f"--source: {source} not found (synthetic, or a video file / images:DIR)")
+        source = kind + str(Path(path).resolve())  # the agent runs from the repo root, not from here
     try:
         result = bench(model, seconds=args.seconds, threads=args.threads, source=source)
     except RuntimeError as exc:
@@ -43,8 +47,8 @@ def cmd_bench(args) -> int:
 def add_parsers(sub) -> None:
     sp = sub.add_parser("bench", help="bare interpreter vs the whole agent on one model, side by side")
     sp.add_argument("model")
-    sp.add_argument("--seconds", type=float, default=10, help="seconds each for bare and agent at full rate, taken in 1 s turns; also the 15 fps phase, up to 10 (default 10)")
-    sp.add_argument("--threads", type=int, default=0, help="inference threads (default: as the agent picks for runtime.threads: 0)")
+    sp.add_argument("--seconds", type=number(float, low=1), default=10, help="seconds each for bare and agent at full rate, taken in 1 s turns; also the 15 fps phase, up to 10 (default 10)")
+    sp.add_argument("--threads", type=COUNT, default=0, help="inference threads (default: as the agent picks for runtime.threads: 0)")
     sp.add_argument("--source", default="synthetic", help="synthetic (640x480), a video file, or images:DIR")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
