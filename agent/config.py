@@ -53,7 +53,7 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    outbox_max_mb: float = Field(50.0, gt=0)
+    outbox_max_mb: float = Field(50.0, ge=1, description="the outbox's bound on disk (a message must fit)")
     outbox_rate: float = Field(200.0, gt=0, description="max backlog messages/s sent after a reconnect")
 
     @field_validator("url")
@@ -212,6 +212,31 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return tree
 
 
+def _in_tree(tree: dict[str, Any], loc: tuple) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader, refusing a key given twice in one mapping (the later one would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); the file would mean "
+                    "only the last one", mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -235,8 +260,10 @@ _EXPECTED = {
 }
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], env: dict[str, Any] | None = None) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if env and _in_tree(env, err["loc"]):  # the value came from the environment, not the file: say so
+        loc = f"{loc} (from {ENV_PREFIX}{'__'.join(str(p).upper() for p in err['loc'])})"
     kind = err["type"]
     got = err.get("input")
     if kind == "extra_forbidden":
@@ -260,11 +287,12 @@ def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
-    data = _merge(data, _env_overrides(dict(os.environ) if environ is None else environ))
+    env = _env_overrides(dict(os.environ) if environ is None else environ)
+    data = _merge(data, env)
     try:
         cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+        raise ConfigError(source, [_describe(e, env) for e in exc.errors()]) from None
     cfg.model.path = resolve_path(cfg.model.path, base)
     if cfg.model.labels is not None:
         cfg.model.labels = resolve_path(cfg.model.labels, base)
@@ -282,7 +310,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     except OSError as exc:
         raise ConfigError(str(p), [f"cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

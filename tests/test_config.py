@@ -62,9 +62,9 @@ def test_environment_overrides_nested_keys_with_yaml_types():
     assert cfg.groups == ["lobby", "door"]
 
 
-def test_a_bad_environment_override_is_reported_like_a_bad_file_value():
+def test_a_bad_environment_override_is_reported_like_a_bad_file_value_and_names_the_variable():
     assert problems({}, {"EDGE_AGENT__HEALTH__INTERVAL_S": "often"}) == [
-        "health.interval_s: expected a number, got 'often'"]
+        "health.interval_s (from EDGE_AGENT__HEALTH__INTERVAL_S): expected a number, got 'often'"]
 
 
 def test_yaml_syntax_error_says_where(tmp_path: Path):
@@ -102,11 +102,11 @@ def test_daemon_with_a_missing_file_exits_2(tmp_path: Path):
     assert r.returncode == 2 and "file not found" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_daemon_with_a_missing_model_exits_1_with_the_path(tmp_path: Path):
+def test_daemon_with_a_missing_model_exits_2_with_the_path(tmp_path: Path):
     f = tmp_path / "agent.yaml"
     f.write_text(f"model:\n  path: {tmp_path / 'missing.tflite'}\nstate_dir: {tmp_path / 'state'}\n")
     r = _run("agent.daemon", "--config", str(f))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "missing.tflite" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -143,11 +143,45 @@ def test_the_bundled_config_states_the_real_defaults():
     assert bundled.model.path == empty.model.path
 
 
-def test_daemon_with_a_state_dir_it_cannot_create_exits_1_and_says_what_to_do(tmp_path: Path):
+def test_daemon_with_a_state_dir_it_cannot_create_exits_2_and_says_what_to_do(tmp_path: Path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     f = tmp_path / "agent.yaml"
     f.write_text(f"state_dir: {blocker / 'state'}\ncamera:\n  source: synthetic\n")
     r = _run("agent.daemon", "--config", str(f))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "state_dir" in r.stderr and "EDGE_AGENT__STATE_DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_check_catches_what_the_daemon_would_refuse_later(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    f = tmp_path / "agent.yaml"
+    f.write_text(f"runtime:\n  accelerator: cuda\nstate_dir: {blocker / 'state'}\n")
+    r = _run("agent.ctl", "config", "check", str(f))
+    assert r.returncode == 2, r.stderr
+    assert "runtime: accelerator 'cuda' needs an .onnx model on onnxruntime" in r.stderr
+    assert f"state_dir: {blocker} is not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_last_one_wins(tmp_path: Path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("camera:\n  fps: 5\n  source: synthetic\n  fps: 30\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f, environ={})
+    assert err.value.problems == ["line 4, column 3: not valid YAML (duplicate key 'fps' (first at line 2); "
+                                  "the file would mean only the last one)"]
+
+
+def test_an_override_from_the_environment_is_named_in_its_error_and_the_file_is_not_blamed(tmp_path: Path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("camera:\n  fps: fast\n  width: wide\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f, environ={"EDGE_AGENT__CAMERA__FPS": "quick"})
+    assert err.value.problems == ["camera.fps (from EDGE_AGENT__CAMERA__FPS): expected a number, got 'quick'",
+                                  "camera.width: expected an integer, got 'wide'"]
+
+
+def test_an_outbox_too_small_for_one_message_is_refused_by_the_config():
+    lines = problems({"mqtt": {"outbox_max_mb": 0.0005}})
+    assert lines == ["mqtt.outbox_max_mb: Input should be greater than or equal to 1, got 0.0005"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,8 +12,8 @@ from agent.config import ConfigError, load_config
 from agent.ctl.errors import EXIT_OK, EXIT_USAGE
 from agent.hardware.facts import TEGRA_SOCS, HardwareFacts
 from agent.runtimes.base import RuntimeChoice, RuntimeChoiceError
-from agent.runtimes.choice import choose_runtime, probe
-from agent.runtimes.registry import format_names
+from agent.runtimes.choice import choose_runtime, chooser, probe
+from agent.runtimes.registry import detect_format, format_names
 
 
 def cmd_probe(args) -> int:
@@ -43,6 +44,10 @@ def cmd_config_check(args) -> int:
     problems = []
     if not cfg.model.path.is_file():
         problems.append(f"model.path: file not found: {cfg.model.path}")
+    else:
+        problems += _runtime_problems(cfg)
+    if (state := _state_dir_problem(cfg.state_dir)) is not None:
+        problems.append(state)
     if cfg.model.labels is not None and not cfg.model.labels.is_file():
         problems.append(f"model.labels: file not found: {cfg.model.labels}")
     for key in ("password_file", "ca_file", "cert_file", "key_file"):
@@ -93,6 +98,32 @@ def format_report(facts: HardwareFacts, choices: Mapping[str, RuntimeChoice | Ex
         text = choice.reason if isinstance(choice, RuntimeChoice) else f"error: {choice}"
         lines.append(f"  {fmt:<7} {text}")
     return "\n".join(lines)
+
+
+def _runtime_problems(cfg) -> list[str]:
+    """What the daemon would refuse about the model and runtime.backend/accelerator on this machine."""
+    try:
+        fmt = detect_format(cfg.model.path)
+    except ValueError as exc:
+        return [f"model.path: {exc}"]
+    try:
+        chooser(probe(check_runtimes="first"), cfg.model.path, cfg.runtime.backend, cfg.runtime.accelerator)(fmt)
+    except RuntimeChoiceError as exc:
+        return [f"runtime: {exc}"]
+    return []
+
+
+def _state_dir_problem(path: Path) -> str | None:
+    """Why the daemon could not keep its state in ``path`` (the first existing directory on the way decides)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"state_dir: {existing} is not a directory, so {path} cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created ({existing} is not writable)"
+        return f"state_dir: {path} {what} by this user"
+    return None
 
 
 def add_parsers(sub) -> None:

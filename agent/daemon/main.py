@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("edge-agent %s on %s (%s), config %s", __version__, pyplatform.node(), pyplatform.machine(), path)
     try:
         agent = Agent(cfg, path)
-    except (FileNotFoundError, ManifestError, ModelLoadError, RuntimeUnavailable, RuntimeChoiceError,
-            ValueError) as exc:
+    except (FileNotFoundError, ManifestError, RuntimeChoiceError, ValueError) as exc:
+        # The configuration or a file it names (model, model.yaml, state_dir, a runtime pin this machine
+        # cannot honour): bad input, exit 2 like a config error. A restart would not change it.
+        log.error("cannot start: %s", exc)
+        return 2
+    except (ModelLoadError, RuntimeUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 1
     freeze_startup_objects()
