@@ -15,7 +15,7 @@ $(VENV)/.run-deps: $(PY) setup.cfg pyproject.toml scripts/setup-system.sh
 	bash scripts/setup-system.sh run
 	$(PIP) install -e '.[tflite]'
 	@$(PIP) install -e '.[tflite,systemd]' 2>/dev/null || \
-	  echo "note: systemd-python did not build (libsystemd-dev missing?); the built-in sd_notify is used"
+	  echo "note: systemd-python did not build (libsystemd-dev missing?); logs go to stderr (journald still captures them)"
 	@touch $@
 
 $(VENV)/.test-deps: $(VENV)/.run-deps

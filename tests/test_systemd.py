@@ -98,3 +98,42 @@ def test_daemon_speaks_the_notify_protocol_through_its_life(notify_socket, broke
     assert agent.wait(10) == 0
     assert time.monotonic() - t0 < 5
     assert notify_socket.has("STOPPING=1")
+
+
+def _fill(sock_path: Path) -> None:
+    """Send to a reader that never reads until its queue is full (the state a stalled systemd leaves)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(str(sock_path))
+        s.setblocking(False)
+        try:
+            while True:
+                s.send(b"X" * 1024)
+        except BlockingIOError:
+            pass
+
+
+def test_notify_never_blocks_when_systemds_reader_is_behind(notify_socket, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    _fill(notify_socket.path)
+    n = Notifier()
+    t0 = time.monotonic()
+    assert n.watchdog() is False and n.status("still here") is False
+    assert time.monotonic() - t0 < 0.5
+    assert n.missed == 2
+
+
+def test_a_notify_socket_that_stops_reading_stops_neither_frames_nor_sigterm(notify_socket, broker,
+                                                                             recorder_factory, agent_factory,
+                                                                             tmp_path):
+    cfg = agent_config(broker, tmp_path)
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+    _fill(notify_socket.path)  # full before the agent's first READY, and never read again
+    agent = agent_factory(cfg, env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"}).start()
+    rec.wait_json("/predictions", count=30, timeout=30)  # 2 s of frames at 15 fps, with pings due every 0.2 s
+    health = rec.wait_json("/health", lambda h: h.get("notify_missed", 0) > 0)[-1]
+    assert health["frames_processed"] > 0
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0 and time.monotonic() - t0 < 5
+    assert rec.wait_json("/status", lambda s: s["state"] == "offline")
+    assert "Traceback" not in agent.log(), agent.log()[-2000:]

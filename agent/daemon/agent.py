@@ -148,6 +148,15 @@ class Agent:
         self.pipeline.start()
         log.info("publishing predictions to %s on %s (watch: agent-ctl watch, or mosquitto_sub -t '%s/#' -v)",
                  self.topics.predictions, self.link.endpoint, self.topics.prefix)
+        try:
+            self._loop()
+        except Exception:  # noqa: BLE001 - never a half-alive process: say offline, stop, exit non-zero
+            log.exception("main loop failed; stopping")
+            self.shutdown()
+            return 1
+        return self.shutdown()
+
+    def _loop(self) -> None:
         ready = False
         interval = self.cfg.health.interval_s
         next_health = time.monotonic() + min(interval, 2.0)
@@ -174,7 +183,6 @@ class Agent:
             ping_due = (next_ping if next_ping > now else now + 0.2) if wd else now + 1.0
             due = min(next_health, ping_due, now + 1.0)
             self._stop.wait(0.05 if not ready else max(0.01, due - time.monotonic()))
-        return self.shutdown()
 
     def _status_line(self) -> str:
         h = self.pipeline.stats
@@ -188,6 +196,7 @@ class Agent:
                                     model_info=self.model.info, outbox_depth=self.durable.depth)
         health.outbox = OutboxHealth(health.outbox_depth, self.durable.dropped, self.durable.last_error,
                                      self.publisher.dropped)
+        health.notify_missed = self.notifier.missed
         self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True)
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 

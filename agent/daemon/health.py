@@ -59,6 +59,7 @@ class Health:
     outbox_depth: int
     model: dict
     outbox: OutboxHealth | None = None
+    notify_missed: int = 0  # sd_notify messages systemd did not take (its reader behind)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -10,17 +10,12 @@ import time
 log = logging.getLogger(__name__)
 
 
-def _sender():
-    """systemd-python's notify when it imports, else a tiny NOTIFY_SOCKET datagram sender."""
-    try:
-        from systemd import daemon  # type: ignore[import-not-found]
-
-        return lambda state: bool(daemon.notify(state))
-    except ImportError:
-        return _builtin_notify
-
-
 def _builtin_notify(state: str) -> bool:
+    """One NOTIFY_SOCKET datagram, never blocking: False when it could not be sent now.
+
+    Not systemd-python's notify: its send blocks while the socket's reader is behind, and the loop
+    that pings the watchdog (and a SIGTERM arriving meanwhile) would wait on it.
+    """
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
@@ -29,9 +24,9 @@ def _builtin_notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(path)
-            sock.sendall(state.encode())
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
         return True
-    except OSError as exc:
+    except OSError as exc:  # BlockingIOError when the reader is behind; gone, refused, interrupted
         log.debug("sd_notify to %s failed: %s", path, exc)
         return False
 
@@ -41,7 +36,7 @@ class Notifier:
 
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._send = _sender() if self.enabled else (lambda state: False)
+        self.missed = 0  # messages systemd did not take (its reader behind, or the socket gone)
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         # WATCHDOG_PID names the process systemd watches; a child that inherited the env must not ping.
@@ -49,7 +44,15 @@ class Notifier:
         self.watchdog_interval: float | None = int(usec) / 2e6 if watched else None
 
     def notify(self, *lines: str) -> bool:
-        return self._send("\n".join(lines)) if self.enabled else False
+        if not self.enabled:
+            return False
+        if _builtin_notify("\n".join(lines)):
+            return True
+        self.missed += 1
+        if self.missed == 1 or self.missed % 100 == 0:
+            log.warning("sd_notify: systemd did not take %d message(s) (%s); the loop goes on", self.missed,
+                        lines[0])
+        return False
 
     def ready(self, status: str = "") -> bool:
         return self.notify("READY=1", *( [f"STATUS={status}"] if status else []))
