@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -239,13 +240,27 @@ def make_source(cfg: CameraConfig, *, base: Path | None = None) -> FrameSource:
     return CvSource(str(path), live=False, loop=cfg.loop)
 
 
+_SECRET_PARAM = re.compile(r"pass|pwd|token|key|secret|auth|sig|user|login|cred", re.IGNORECASE)
+
+
 def _redact(url: str) -> str:
-    """rtsp://user:secret@host/... -> rtsp://user:***@host/... so logs and health never carry passwords."""
-    scheme, _, rest = url.partition("://")
-    cred, at, host = rest.partition("@")
-    if at and ":" in cred:
-        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
-    return url
+    """rtsp://user:secret@host/...?password=x -> rtsp://user:***@host/...?password=*** for logs and health.
+
+    A user alone may be a token, so it goes too. Query parameters that name a credential keep only their name.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    before_query, q, query = rest.partition("?")
+    # The last '@' before the query ends the credentials, even with '@' or '/' inside a password.
+    cred, at, path = before_query.rpartition("@")
+    if at:
+        path = (f"{cred.split(':', 1)[0]}:***@" if ":" in cred else "***@") + path
+    if q:
+        params = [(k, "***" if v and _SECRET_PARAM.search(k) else v)
+                  for k, _, v in (p.partition("=") for p in query.split("&"))]
+        path += "?" + "&".join(f"{k}={v}" if v else k for k, v in params)
+    return f"{scheme}://{path}"
 
 
 class FrameSlot:

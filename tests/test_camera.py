@@ -70,6 +70,18 @@ def test_rtsp_credentials_never_reach_names_or_logs():
     assert _redact("rtsp://cam/s") == "rtsp://cam/s"
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("rtsp://admin:p@ss@cam/stream", "rtsp://admin:***@cam/stream"),  # '@' inside the password
+    ("rtsp://admin:a/b@cam:554/live", "rtsp://admin:***@cam:554/live"),  # '/' inside the password
+    ("rtsp://TOKEN123@cam/live", "rtsp://***@cam/live"),  # a user alone may be a token
+    ("http://cam/video.cgi?user=admin&pwd=s3cret&res=640", "http://cam/video.cgi?user=***&pwd=***&res=640"),
+    ("http://cam/snap?access_token=abc&fps=5", "http://cam/snap?access_token=***&fps=5"),
+    ("http://cam/mjpg?resolution=640&fps=5", "http://cam/mjpg?resolution=640&fps=5"),
+])
+def test_no_part_of_a_credential_reaches_names_or_logs(url, shown):
+    assert _redact(url) == shown
+
+
 def test_video_file_loops_when_asked():
     src = CvSource(str(DEMO_CLIP), live=False, loop=True)
     src.open()

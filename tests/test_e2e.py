@@ -228,3 +228,22 @@ def test_make_run_starts_the_bundled_default_and_says_where_predictions_go(broke
         out = proc.communicate(timeout=20)[0]
     assert "run: predictions go to edge/make-run/predictions on " + broker.url in out, out
     assert proc.returncode == 0, out
+
+
+def test_what_the_agent_writes_is_for_its_user_and_group_even_under_a_loose_umask(broker, recorder_factory,
+                                                                                   agent_factory, tmp_path):
+    import os
+
+    cfg = agent_config(broker, tmp_path, health={"interval_s": 0.5})
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/health")
+    old = os.umask(0o022)  # a shell's usual umask: the agent run by hand, outside the unit's UMask=0027
+    try:
+        agent = agent_factory(cfg).start()
+    finally:
+        os.umask(old)
+    rec.wait_json("/health", count=2)  # health goes through the outbox: its database exists by now
+    assert agent.stop() == 0
+    written = [Path(cfg["state_dir"]), *Path(cfg["state_dir"]).rglob("*")]
+    assert any(p.name == "outbox.db" for p in written)
+    loose = {str(p): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o027}
+    assert not loose, loose

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import platform as pyplatform
 import signal
 import sys
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    # What the agent writes (model store, outbox, journal, staging) is for its user and group only, as
+    # the unit's UMask=0027 makes it; run by hand with a looser umask it would be 0644/0755.
+    os.umask(os.umask(0) | 0o027)
     # The frame loop drops the GIL for every runtime/OpenCV call; with the default 5 ms switch interval
     # it can then wait behind the MQTT and capture threads for milliseconds per frame.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
