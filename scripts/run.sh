@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 CONFIG="${CONFIG:-config/agent.yaml}"
 export EDGE_AGENT_CONFIG="$CONFIG"
-# The bundled config keeps state in /var/lib/edge-agent (the service's StateDirectory); a user run keeps it here.
-if [ -z "${EDGE_AGENT__STATE_DIR:-}" ] && ! { mkdir -p /var/lib/edge-agent 2>/dev/null && [ -w /var/lib/edge-agent ]; }; then
-  export EDGE_AGENT__STATE_DIR="$PWD/.state"
-fi
+# The bundled config keeps state in /var/lib/edge-agent (the service's StateDirectory). The demo keeps its
+# own in the checkout, root or not: a clone's demo never shares a model store with another, or with the
+# service, and `make clean` removes it.
+export EDGE_AGENT__STATE_DIR="${EDGE_AGENT__STATE_DIR:-$PWD/.state}"
 
 read -r URL HOST PORT PREFIX DEVICE < <("$VENV/bin/python" - <<'PY'
 from agent.config import load_config
@@ -44,6 +44,7 @@ run: predictions go to $PREFIX/$DEVICE/predictions on $URL (health: $PREFIX/$DEV
 run: watch them from another terminal with:
        $VENV/bin/agent-ctl watch          (or: mosquitto_sub -h $HOST -p $PORT -t '$PREFIX/#' -v)
        $VENV/bin/agent-ctl status
+run: state (model store, outbox, journal) in $EDGE_AGENT__STATE_DIR
 run: Ctrl-C stops the agent.
 MSG
 "$VENV/bin/edge-agent" --config "$CONFIG"

@@ -211,8 +211,9 @@ def test_make_run_starts_the_bundled_default_and_says_where_predictions_go(broke
     import os
 
     rec = recorder_factory(broker, "edge/make-run/#")
-    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "EDGE_AGENT__MQTT__URL": broker.url,
-           "EDGE_AGENT__STATE_DIR": str(tmp_path / "state"), "EDGE_AGENT__DEVICE_ID": "make-run"}
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_AGENT__STATE_DIR"}
+    env.update({"VENV": str(Path(sys.executable).parent.parent), "EDGE_AGENT__MQTT__URL": broker.url,
+                "EDGE_AGENT__DEVICE_ID": "make-run"})
     proc = subprocess.Popen(["bash", "scripts/run.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     def predicting() -> bool:
@@ -227,6 +228,8 @@ def test_make_run_starts_the_bundled_default_and_says_where_predictions_go(broke
             os.killpg(proc.pid, signal.SIGINT)
         out = proc.communicate(timeout=20)[0]
     assert "run: predictions go to edge/make-run/predictions on " + broker.url in out, out
+    # the demo's state stays in the checkout (make clean removes it), also as root
+    assert f"run: state (model store, outbox, journal) in {REPO}/.state" in out, out
     assert proc.returncode == 0, out
 
 
