@@ -267,3 +267,16 @@ def test_onnx_model_with_dynamic_output_shape_runs_without_binding(tmp_path: Pat
     out = s.run([x])
     assert out[0].shape == (1, 3, 4, 5) and np.array_equal(out[0], np.maximum(x, 0))
     assert s.run([x[:, :, :2]])[0].shape == (1, 3, 2, 5)
+
+
+def test_a_stem_yaml_that_is_not_a_model_yaml_is_passed_over(tmp_path: Path):
+    # Ultralytics ships its architecture as yolov8n.yaml beside yolov8n.onnx: not ours, so model.yaml speaks
+    shutil.copyfile(MODELS / "blazeface.onnx", tmp_path / "net.onnx")
+    (tmp_path / "net.yaml").write_text("nc: 80\nscales:\n  n: [0.33, 0.25, 1024]\nbackbone: [[-1, 1, Conv, [64, 3, 2]]]\n")
+    shutil.copyfile(MODELS / "model.yaml", tmp_path / "model.yaml")
+    model = load_model(tmp_path / "net.onnx", choose)
+    assert model.info.task == "blazeface" and model.info.name == "blazeface-short-range"
+    # one of model.yaml's keys makes it ours again, and then a typo in it is reported, not skipped
+    (tmp_path / "net.yaml").write_text("task: blazeface\nlabelz: [face]\n")
+    with pytest.raises(ValueError, match=r"net.yaml: labelz: Extra inputs are not permitted"):
+        load_model(tmp_path / "net.onnx", choose)

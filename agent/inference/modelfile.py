@@ -37,19 +37,15 @@ class ManifestError(ValueError):
 
 def read_manifest(model_path: Path) -> ModelManifest:
     """model.yaml beside the model (``<stem>.yaml`` wins over ``model.yaml``); defaults when absent."""
-    candidate = manifest_path(model_path)
-    if candidate is None:
+    found = _find_manifest(model_path)
+    if found is None:
         return ModelManifest()
+    path, data = found
     try:
-        # libyaml's loader when present: a tenth of the pure-Python one's time, and that time
-        # is spent holding the GIL beside a running frame loop during a hot swap
-        data = yaml.load(candidate.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-        return ModelManifest.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{candidate}: not valid YAML ({exc})") from None
+        return ModelManifest.model_validate(data or {})
     except ValidationError as exc:
         lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
-        raise ManifestError(f"{candidate}: " + "; ".join(lines)) from None
+        raise ManifestError(f"{path}: " + "; ".join(lines)) from None
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
@@ -74,8 +70,32 @@ def file_sha256(path: Path) -> str:
 
 
 def manifest_path(model_path: Path) -> Path | None:
-    """The model.yaml that belongs to ``model_path``: ``<stem>.yaml`` beside it wins over ``model.yaml``."""
-    return next((c for c in (model_path.with_suffix(".yaml"), model_path.parent / "model.yaml") if c.is_file()), None)
+    """The model.yaml that belongs to ``model_path`` (see ``read_manifest``), or None."""
+    found = _find_manifest(model_path)
+    return found[0] if found else None
+
+
+def _find_manifest(model_path: Path) -> tuple[Path, object] | None:
+    """The model.yaml for ``model_path`` and its parsed YAML, read once.
+
+    A ``<stem>.yaml`` with none of model.yaml's keys is someone else's file (Ultralytics ships its
+    architecture as ``yolov8n.yaml`` beside ``yolov8n.onnx``): it is passed over for ``model.yaml``.
+    """
+    stem, shared = model_path.with_suffix(".yaml"), model_path.parent / "model.yaml"
+    for candidate in dict.fromkeys((stem, shared)):  # one file when the model is model.<ext>
+        if not candidate.is_file():
+            continue
+        try:
+            # libyaml's loader when present: a tenth of the pure-Python one's time, and that time
+            # is spent holding the GIL beside a running frame loop during a hot swap
+            data = yaml.load(candidate.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{candidate}: not valid YAML ({exc})") from None
+        if (candidate == stem and candidate != shared and isinstance(data, dict) and data
+                and not set(data) & set(ModelManifest.model_fields)):
+            continue
+        return candidate, data
+    return None
 
 
 def declared_labels(model_path: Path, manifest: ModelManifest, labels_file: Path | None = None) -> tuple[str, ...]:
