@@ -250,3 +250,25 @@ def test_what_the_agent_writes_is_for_its_user_and_group_even_under_a_loose_umas
     assert any(p.name == "outbox.db" for p in written)
     loose = {str(p): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o027}
     assert not loose, loose
+
+
+def test_a_second_device_with_the_same_device_id_is_named_in_the_log_and_health(broker, recorder_factory,
+                                                                                 agent_factory, tmp_path):
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    cfg = agent_config(broker, tmp_path, health={"interval_s": 0.5})
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/health")
+    agent = agent_factory(cfg).start()
+    rec.wait_json("/health")
+    clone = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-agent-{cfg['device_id']}",
+                        protocol=paho.MQTTv5)  # what a cloned SD card connects as
+    clone.connect(broker.host, broker.port)
+    clone.loop_start()
+    try:
+        health = rec.wait_json("/health", lambda h: h["mqtt"].get("taken_over", 0) >= 1)[-1]
+    finally:
+        clone.loop_stop()
+        clone.disconnect()
+    assert health["mqtt"]["taken_over"] >= 1
+    wait_until(lambda: "two devices with one device_id?" in agent.log(), 10, what="the warning in the log")

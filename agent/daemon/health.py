@@ -27,6 +27,7 @@ class MqttHealth:
     sent: int
     unsent: int
     error: str | None
+    taken_over: int = 0  # dropped by the broker for another client with our id (a duplicate device_id)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class HealthSampler:
             frames_dropped=slot.dropped,
             inference_errors=stats.errors,
             camera=CameraHealth(capture.state, capture.source.name, capture.reopens, capture.last_error),
-            mqtt=MqttHealth(mqtt.state, mqtt.sent, mqtt.unsent, mqtt.last_error),
+            mqtt=MqttHealth(mqtt.state, mqtt.sent, mqtt.unsent, mqtt.last_error, mqtt.taken_over),
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
             temperature_c=sensors.read_temperatures(zones=self._zones),

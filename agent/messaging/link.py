@@ -7,6 +7,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -76,6 +77,13 @@ def make_client(cfg: MqttConfig, client_id: str) -> tuple[paho.Client, Endpoint]
     return client, endpoint
 
 
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a client with the same id connected
+# Brokers that just close the socket (mosquitto 2.0.11 does) give no reason: a connection that is dropped
+# this soon after it was made, this many times in a minute, is taken as taken over all the same.
+DROPPED_SOON_S = 5.0
+DROPPED_SOON_TIMES = 3
+
+
 class MqttLink:
     """One paho client with a clear lifecycle. Callbacks run on paho's network thread."""
 
@@ -85,6 +93,7 @@ class MqttLink:
                  on_message: Callable[[paho.MQTTMessage], None] | None = None):
         self.cfg = cfg
         self.client, self.endpoint = make_client(cfg, client_id)
+        self.client_id = client_id
         self.subscriptions = subscriptions
         self._on_connect = on_connect
         self._on_message = on_message
@@ -94,6 +103,9 @@ class MqttLink:
         self.sent = 0
         self.unsent = 0  # QoS 0 messages that could not go out (no connection)
         self.connects = 0
+        self.taken_over = 0  # times the broker took the session away (see _handle_disconnect)
+        self._connected_at = 0.0
+        self._dropped_soon: list[float] = []
         self._socket_error: str | None = None  # a read error paho only reports through on_log
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
@@ -147,6 +159,7 @@ class MqttLink:
             self.state = "disconnected"
             return
         self.connects += 1
+        self._connected_at = time.monotonic()
         self.state = "connected"
         self.last_error = None
         log.info("mqtt: connected to %s", self.endpoint)
@@ -175,7 +188,16 @@ class MqttLink:
         self.state = "disconnected"
         if getattr(self, "_stopping", False):
             return
-        if was:
+        if was and self._taken_over(reason_code):
+            # Usually a second device with this device_id (a cloned SD card keeps the hostname): each
+            # reconnect throws the other one off, every second, on both.
+            self.taken_over += 1
+            self.last_error = (f"the broker keeps ending this session ({self.taken_over} times): another client "
+                               f"connects as {self.client_id!r}, two devices with one device_id? Give each its "
+                               "own (device_id in agent.yaml)")
+            if self.taken_over == 1 or self.taken_over % 20 == 0:
+                log.warning("mqtt: %s", self.last_error)
+        elif was:
             log.warning("mqtt: disconnected from %s (%s); reconnecting", self.endpoint, reason_code)
         elif self._socket_error:  # dropped before CONNACK, e.g. the broker rejected our TLS client certificate
             hint = ""
@@ -183,6 +205,16 @@ class MqttLink:
                 hint = " (if the broker requires client certificates, set mqtt.cert_file and mqtt.key_file)"
             self._connect_failed(self._socket_error + hint)
         self._socket_error = None
+
+    def _taken_over(self, reason_code) -> bool:
+        """Whether this disconnect took the session away: the broker said so, or it keeps dropping us
+        seconds after each connect."""
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            return True
+        now = time.monotonic()
+        if now - self._connected_at < DROPPED_SOON_S:
+            self._dropped_soon = [t for t in self._dropped_soon if now - t < 60.0] + [now]
+        return len(self._dropped_soon) >= DROPPED_SOON_TIMES and self._dropped_soon[-1] == now
 
     def _handle_connect_fail(self, client, userdata) -> None:
         # paho calls this from inside its `except OSError` around reconnect(): that exception is the reason
