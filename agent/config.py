@@ -132,7 +132,8 @@ class DeployConfig(_Section):
     max_model_mb: float = Field(200.0, gt=0)
     probation_s: float = Field(60.0, ge=0, description="roll back a new model that misbehaves within this time")
     validate_timeout_s: float = Field(60.0, gt=0)
-    download_timeout_s: float = Field(600.0, gt=0)
+    download_timeout_s: float = Field(600.0, gt=0, description="the whole download, MQTT chunks or URL")
+    allow_file_urls: bool = Field(False, description="accept file:// sources (a path on this device)")
     keep_versions: int = Field(3, ge=1, description="previous versions kept for rollback")
 
     @field_validator("trusted_keys")

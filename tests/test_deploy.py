@@ -342,7 +342,7 @@ def test_a_transfer_interrupted_by_a_broker_restart_resumes_and_completes(broker
 
 
 def test_url_source_downloads_with_the_same_checks(device, tmp_path):
-    cfg, agent, rec = device()
+    cfg, agent, rec = device(deploy={"allow_file_urls": True})
     model = copy_model(MODELS / "blazeface.onnx", tmp_path / "u", "m.onnx")
     served = tmp_path / "www" / "m.onnx"
     served.parent.mkdir()
@@ -401,3 +401,51 @@ def test_a_device_and_group_whose_names_contain_deploy_still_take_deployments(de
             "--timeout", "60")
     assert r.returncode == 0 and "active on 1 device(s)" in r.stderr, r.stderr
     rec.wait_json("/predictions", lambda p: p["model"]["version"] == "3.0.0", count=3)
+
+
+def test_file_urls_are_refused_unless_the_device_allows_them(device, tmp_path):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "f", "m.onnx")
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--url", f"file://{model}",
+            "--timeout", "60")
+    assert r.returncode == 1 and "file:// sources are refused on this device" in r.stderr, r.stderr
+    assert rec.json("/predictions")[-1]["model"]["version"] == "1.0.0"
+
+
+def test_a_url_that_trickles_fails_at_download_timeout_and_leaves_nothing_in_staging(device, tmp_path):
+    import http.server
+    import threading
+
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "s", "m.onnx")
+    data = model.read_bytes()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # one byte every 0.2 s: each read is quick, the whole would take hours
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg, agent, rec = device(deploy={"download_timeout_s": 3})
+        t0 = time.monotonic()
+        r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60",
+                "--url", f"http://127.0.0.1:{server.server_port}/m.onnx")
+        took = time.monotonic() - t0
+    finally:
+        server.shutdown()
+    assert r.returncode == 1 and "download timed out" in r.stderr, r.stderr
+    assert took < 30, f"took {took:.0f} s"
+    staging = Path(cfg["state_dir"]) / "staging"
+    assert not [p for p in staging.iterdir() if p.suffix in (".part", ".have")]

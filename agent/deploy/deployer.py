@@ -188,6 +188,9 @@ class Deployer:
             r = self._receivers.pop(did, None)
             if r is not None:
                 r.close()
+            if self.journal.finished(did):  # over: nothing to resume, so no bytes left behind in staging
+                for leftover in (f"{did}.part", f"{did}.have"):
+                    (self.staging / leftover).unlink(missing_ok=True)
 
     def _deploy(self, raw: dict, m: DeploymentManifest) -> None:
         did, spec = m.deployment_id, m.model
@@ -219,7 +222,8 @@ class Deployer:
         self._abort.clear()
         try:
             return download(m, self.staging, receivers=self._receivers, report=self._report, stop=self._stop,
-                            abort=self._abort, timeout_s=self.cfg.deploy.download_timeout_s)
+                            abort=self._abort, timeout_s=self.cfg.deploy.download_timeout_s,
+                            allow_file=self.cfg.deploy.allow_file_urls)
         finally:
             self._downloading = None
 

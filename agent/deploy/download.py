@@ -27,7 +27,7 @@ Report = Callable[[DeployEvent, bool], None]
 
 
 def download(m: DeploymentManifest, staging: Path, *, receivers: dict[str, ChunkReceiver], report: Report,
-             stop: threading.Event, abort: threading.Event, timeout_s: float) -> Path:
+             stop: threading.Event, abort: threading.Event, timeout_s: float, allow_file: bool = False) -> Path:
     """The staged file, complete (not yet verified). ``abort`` means superseded, ``stop`` the agent stopping."""
     did = m.deployment_id
     report(DeployEvent(did, "downloading", progress=0.0), True)
@@ -43,7 +43,8 @@ def download(m: DeploymentManifest, staging: Path, *, receivers: dict[str, Chunk
             report(DeployEvent(did, "downloading", progress=round(p, 4)), False)
 
     try:
-        download_url(m.source.url, dest, m.model.size, progress=progress, stop=abort)
+        download_url(m.source.url, dest, m.model.size, progress=progress, stop=abort,
+                     deadline=time.monotonic() + timeout_s, allow_file=allow_file)
     except TransferStopped:
         if stop.is_set():
             raise Interrupted from None

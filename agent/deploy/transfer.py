@@ -102,16 +102,54 @@ class ChunkReceiver:
             p.unlink(missing_ok=True)
 
 
-def download_url(url: str, dest: Path, size: int, *, progress: Callable[[float], None],
-                 timeout: float = 30.0, stop: threading.Event | None = None) -> None:
-    """Fetch ``url`` into ``dest``, resuming from what is already there with an HTTP Range request."""
+READ_TIMEOUT_S = 30.0  # one read; the whole download has its own deadline
+RETRY_S = (1.0, 2.0, 4.0, 8.0)  # waits between attempts, the last repeated, all within the deadline
+
+
+def download_url(url: str, dest: Path, size: int, *, progress: Callable[[float], None], deadline: float,
+                 stop: threading.Event | None = None, allow_file: bool = False) -> None:
+    """Fetch ``url`` into ``dest`` by ``deadline`` (time.monotonic), never more than ``size`` bytes.
+
+    An interrupted download is resumed with an HTTP Range request, again after each failure (with
+    backoff) until the deadline; ``file://`` only with ``allow_file`` (deploy.allow_file_urls).
+    """
     if url.startswith("file://"):
-        src = Path(url[len("file://"):])
-        if not src.is_file():
-            raise TransferError(f"{url}: no such file")
-        shutil.copyfile(src, dest)
+        _copy_file(url, dest, size, allow_file)
         progress(1.0)
         return
+    attempt = 0
+    while True:
+        try:
+            _fetch_http(url, dest, size, progress=progress, deadline=deadline, stop=stop)
+            return
+        except _Retry as exc:
+            wait = RETRY_S[min(attempt, len(RETRY_S) - 1)]
+            attempt += 1
+            if time.monotonic() + wait >= deadline:
+                raise TransferError(f"{url}: {exc} (gave up at the deadline after {attempt} attempts)") from None
+            log.info("download %s: %s; retrying in %.0f s", url, exc, wait)
+            if stop is not None and stop.wait(wait):
+                raise TransferStopped("stopped") from None
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (the server or the network, not the manifest)."""
+
+
+def _copy_file(url: str, dest: Path, size: int, allow_file: bool) -> None:
+    if not allow_file:
+        raise TransferError(f"{url}: file:// sources are refused on this device (set deploy.allow_file_urls: true "
+                            "to deploy from its own filesystem)")
+    src = Path(url[len("file://"):])
+    if not src.is_file():
+        raise TransferError(f"{url}: no such file")
+    if src.stat().st_size != size:
+        raise TransferError(f"{url}: {src.stat().st_size} bytes, the manifest says {size}")
+    shutil.copyfile(src, dest)
+
+
+def _fetch_http(url: str, dest: Path, size: int, *, progress: Callable[[float], None], deadline: float,
+                stop: threading.Event | None) -> None:
     have = dest.stat().st_size if dest.exists() else 0
     if have > size:
         dest.unlink()
@@ -119,25 +157,36 @@ def download_url(url: str, dest: Path, size: int, *, progress: Callable[[float],
     if have == size:
         progress(1.0)
         return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TransferError(f"{url}: download timed out with {have} of {size} bytes")
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked by the manifest schema
+        resp = urllib.request.urlopen(req, timeout=min(READ_TIMEOUT_S, remaining))  # noqa: S310 - scheme checked
     except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
         raise TransferError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise TransferError(f"{url}: {getattr(exc, 'reason', exc)}") from None
-    with resp:
-        if have and resp.status != 206:  # the server ignored Range: start again
-            have = 0
-        with open(dest, "ab" if have else "wb") as f:
-            got = have
-            while chunk := resp.read(256 * 1024):
-                if stop is not None and stop.is_set():
-                    raise TransferStopped("stopped")
-                got += len(chunk)
-                if got > size:
-                    raise TransferError(f"{url}: more than the manifest's {size} bytes")
-                f.write(chunk)
-                progress(got / size)
+        raise _Retry(str(getattr(exc, "reason", exc))) from None
+    got = have
+    try:
+        with resp:
+            if have and resp.status != 206:  # the server ignored Range: start again
+                got = have = 0
+            with open(dest, "ab" if have else "wb") as f:
+                # read1: what one recv brings, so a server that trickles cannot hold a read past the deadline
+                while chunk := resp.read1(256 * 1024):
+                    if stop is not None and stop.is_set():
+                        raise TransferStopped("stopped")
+                    got += len(chunk)
+                    if got > size:
+                        raise TransferError(f"{url}: more than the manifest's {size} bytes")
+                    f.write(chunk)
+                    progress(got / size)
+                    if time.monotonic() > deadline:
+                        raise TransferError(f"{url}: download timed out with {got} of {size} bytes")
+    except OSError as exc:  # a read that timed out, a connection reset: resume from here
+        raise _Retry(f"{exc or type(exc).__name__} after {got} of {size} bytes") from None
     if got != size:
-        raise TransferError(f"{url}: got {got} bytes, the manifest says {size}")
+        raise _Retry(f"the connection closed after {got} of {size} bytes")
