@@ -40,3 +40,30 @@ def test_qos0_traffic_never_stands_in_for_the_puback_of_a_later_qos1_message(bro
     finally:
         sender.stop(flush_s=0)
         link.stop()
+
+
+def test_a_message_paho_would_not_queue_is_offered_again_not_left_waiting_for_a_puback(broker, recorder_factory,
+                                                                                       tmp_path: Path):
+    # paho refuses a publish when its own queue is full (MQTT_ERR_QUEUE_SIZE), as at a reconnect after an
+    # outage; such a message was booked in flight under a PUBACK that never comes, and once the window
+    # was full of them the outbox stopped sending for good.
+    rec = recorder_factory(broker, "t/#")
+    link = MqttLink(MqttConfig(url=broker.url), "durable-queue-test")
+    link.client.max_queued_messages_set(4)
+    sender = DurableSender(link, Outbox(tmp_path / "outbox.db"), window=8)
+    link.start()
+    try:
+        assert link.wait_connected(5)
+        broker.proc.send_signal(signal.SIGSTOP)  # takes the bytes, acknowledges nothing: paho's queue fills
+        try:
+            sender.start()
+            for i in range(40):
+                sender.submit("t/health", f'{{"n":{i}}}'.encode(), qos=1)
+            time.sleep(1.0)
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: sender.depth == 0, 20, what="the whole outbox delivered")
+        wait_until(lambda: {m["n"] for m in rec.json("/health")} == set(range(40)), 10, what="all 40 arrived")
+    finally:
+        sender.stop(flush_s=0)
+        link.stop()

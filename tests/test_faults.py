@@ -8,6 +8,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ import cv2
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from conftest import Broker, agent_config, wait_until
+from conftest import REPO, Broker, agent_config, wait_until
 from deploy_helpers import hang_on_bright_onnx
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -263,3 +264,43 @@ def test_the_agent_ignores_other_devices_topics(broker, recorder_factory, agent_
     other.publish("edge/groups/not-mine/deploy", b'{"deployment_id": "y"}', qos=1).wait_for_publish(5)
     time.sleep(2)
     assert rec.json("/events") == [] and rec.json("/cmd/response") == []
+
+
+def test_a_reply_too_large_for_the_broker_is_refused_with_a_reason_and_the_link_stays_up(tmp_path,
+                                                                                          recorder_factory,
+                                                                                          agent_factory):
+    # AWS IoT Core takes at most 128 KiB; this broker 16 KiB, and says so in its MQTT 5 CONNACK
+    broker = Broker(tmp_path, extra_conf="max_packet_size 16384\n")
+    broker.start()
+    try:
+        cfg = agent_config(broker, tmp_path, camera={"source": "synthetic", "fps": 15, "width": 1280, "height": 960})
+        rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+        agent = agent_factory(cfg).start()
+        rec.wait_json("/predictions", count=3)
+        r = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(agent.config_path), "snapshot",
+                            "--out", str(tmp_path / "s.jpg"), "--timeout", "20"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 1 and "the broker takes at most 16384" in r.stderr, r.stderr
+        n = len(rec.json("/predictions"))
+        rec.wait_json("/predictions", count=n + 10)  # still connected and publishing
+        assert "disconnected from" not in agent.log(), agent.log()[-2000:]
+    finally:
+        broker.stop()
+
+
+def test_messages_the_broker_refuses_are_counted_and_said_not_taken_as_delivered(tmp_path, recorder_factory,
+                                                                                agent_factory):
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite edge/+/health\ntopic readwrite edge/+/status\ntopic readwrite edge/+/events\n"
+                   "topic read #\n")  # predictions: not authorized
+    broker = Broker(tmp_path, extra_conf=f"acl_file {acl}\n")
+    broker.start()
+    try:
+        cfg = agent_config(broker, tmp_path, mqtt={"predictions_qos": 1}, health={"interval_s": 0.5})
+        rec = recorder_factory(broker, f"edge/{cfg['device_id']}/health")
+        agent = agent_factory(cfg).start()
+        health = rec.wait_json("/health", lambda h: h["mqtt"]["refused"] >= 10)[-1]
+        assert health["frames_processed"] > 0
+        assert "the broker refused a message: Not authorized" in agent.log()
+    finally:
+        broker.stop()

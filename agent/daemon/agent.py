@@ -136,7 +136,12 @@ class Agent:
             log.debug("ignoring a message on %s", msg.topic)
 
     def _respond(self, response: dict) -> None:
-        self.link.publish(self.topics.cmd_response, dumps(response), qos=1)
+        payload = dumps(response)
+        if not self.link.fits(self.topics.cmd_response, payload):  # e.g. a snapshot: say so instead of nothing
+            payload = dumps(CommandReply.failed(
+                f"the reply is {len(payload)} bytes; the broker takes at most {self.link.max_packet} (its maximum "
+                "packet size)").to_json(response.get("request_id")))
+        self.link.publish(self.topics.cmd_response, payload, qos=1)
 
     # -- running --------------------------------------------------------------------------------
     def run(self) -> int:

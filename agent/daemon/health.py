@@ -28,6 +28,8 @@ class MqttHealth:
     unsent: int
     error: str | None
     taken_over: int = 0  # dropped by the broker for another client with our id (a duplicate device_id)
+    refused: int = 0  # QoS 1 messages the broker acknowledged with a failure (not retried)
+    oversize: int = 0  # messages not sent: over the broker's maximum packet size
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ class HealthSampler:
             frames_dropped=slot.dropped,
             inference_errors=stats.errors,
             camera=CameraHealth(capture.state, capture.source.name, capture.reopens, capture.last_error),
-            mqtt=MqttHealth(mqtt.state, mqtt.sent, mqtt.unsent, mqtt.last_error, mqtt.taken_over),
+            mqtt=MqttHealth(mqtt.state, mqtt.sent, mqtt.unsent, mqtt.last_error, mqtt.taken_over, mqtt.refused,
+                            mqtt.oversize),
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
             temperature_c=sensors.read_temperatures(zones=self._zones),

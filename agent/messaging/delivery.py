@@ -13,6 +13,8 @@ import threading
 import time
 from collections import deque
 
+import paho.mqtt.client as paho
+
 from agent.messaging.link import MqttLink
 from agent.messaging.outbox import Outbox, OutboxError
 from agent.support.threads import name_this_thread
@@ -118,6 +120,7 @@ class DurableSender:
             except OutboxError as exc:
                 self.last_error = str(exc)
                 continue
+            paho_full = False
             for msg in batch:
                 now = time.monotonic()
                 tokens = min(float(self.window), tokens + (now - last) * self.rate)
@@ -127,8 +130,18 @@ class DurableSender:
                     tokens = 1.0
                 if not self.link.connected or self._stop.is_set():
                     break
+                if not self.link.fits(msg.topic, msg.payload):  # it would break the link on every try
+                    self.link.too_large(msg.topic, msg.payload)
+                    self._after_id = msg.id
+                    self._ack(msg.id)
+                    continue
                 sent_at = time.monotonic()
                 info = self.link.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                if info.rc != paho.MQTT_ERR_SUCCESS:
+                    # paho did not take it (its queue is full, e.g. at a reconnect): it stays on disk and
+                    # is offered again from here, rather than waiting in flight for a PUBACK that never comes
+                    paho_full = True
+                    break
                 tokens -= 1
                 self._after_id = msg.id
                 with self._lock:
@@ -139,5 +152,7 @@ class DurableSender:
                         self._inflight[info.mid] = msg.id
                 if early:
                     self._ack(msg.id)
+            if paho_full:
+                self._stop.wait(0.1)  # paho's queue drains as the broker acknowledges
             if batch:
                 self._wake.set()  # more may be waiting

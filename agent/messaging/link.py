@@ -77,6 +77,7 @@ def make_client(cfg: MqttConfig, client_id: str) -> tuple[paho.Client, Endpoint]
     return client, endpoint
 
 
+PUBLISH_OVERHEAD = 16  # fixed header, topic length, packet id and properties of a PUBLISH, at most
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a client with the same id connected
 # Brokers that just close the socket (mosquitto 2.0.11 does) give no reason: a connection that is dropped
 # this soon after it was made, this many times in a minute, is taken as taken over all the same.
@@ -104,6 +105,9 @@ class MqttLink:
         self.unsent = 0  # QoS 0 messages that could not go out (no connection)
         self.connects = 0
         self.taken_over = 0  # times the broker took the session away (see _handle_disconnect)
+        self.refused = 0  # QoS 1 messages the broker acknowledged with a failure (MQTT 5 PUBACK >= 0x80)
+        self.oversize = 0  # messages not sent: larger than the broker's (or mqtt.max_packet_kb's) limit
+        self.max_packet = cfg.max_packet_kb * 1024 if cfg.max_packet_kb else None
         self._connected_at = 0.0
         self._dropped_soon: list[float] = []
         self._socket_error: str | None = None  # a read error paho only reports through on_log
@@ -129,8 +133,18 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    def fits(self, topic: str, payload: bytes | str) -> bool:
+        """Whether a PUBLISH of this fits the broker's maximum packet size (its CONNACK said, or the config)."""
+        if self.max_packet is None:
+            return True
+        size = len(topic.encode()) + len(payload.encode() if isinstance(payload, str) else payload)
+        return size + PUBLISH_OVERHEAD <= self.max_packet
+
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
-        """Queue a message; False when it could not be handed to the broker link."""
+        """Queue a message; False when it could not be handed to the broker link (or cannot fit it)."""
+        if not self.fits(topic, payload):
+            self.too_large(topic, payload)
+            return False
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == paho.MQTT_ERR_SUCCESS:
             self.sent += 1
@@ -160,6 +174,10 @@ class MqttLink:
             return
         self.connects += 1
         self._connected_at = time.monotonic()
+        advertised = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        if advertised:
+            configured = self.cfg.max_packet_kb * 1024 if self.cfg.max_packet_kb else None
+            self.max_packet = min(advertised, configured) if configured else advertised
         self.state = "connected"
         self.last_error = None
         log.info("mqtt: connected to %s", self.endpoint)
@@ -178,7 +196,21 @@ class MqttLink:
             except Exception:  # noqa: BLE001
                 log.exception("on_connect handler failed")
 
+    def too_large(self, topic: str, payload: bytes | str) -> None:
+        """Count and log a message that was not sent because the broker would drop the link for it."""
+        self.oversize += 1
+        if self.oversize == 1 or self.oversize % 100 == 0:
+            log.warning("mqtt: not sent: %d bytes on %s is over the broker's maximum packet size of %d bytes "
+                        "(%d such messages)", len(payload), topic, self.max_packet, self.oversize)
+
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if getattr(reason_code, "is_failure", False):
+            # The broker has the message and says no (e.g. 0x87 Not authorized by its ACL): sending it
+            # again would get the same answer, so it leaves the outbox like a delivered one, counted.
+            self.refused += 1
+            if self.refused == 1 or self.refused % 100 == 0:
+                log.warning("mqtt: the broker refused a message: %s (%d refused so far)", reason_code,
+                            self.refused)
         if self.publish_listener is not None:
             self.publish_listener(mid)
 
