@@ -21,7 +21,7 @@ def ctl(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     (["keygen", "--out", "/nonexistent-dir/k"], "--out /nonexistent-dir/k: cannot write /nonexistent-dir/k.key"),
     (["snapshot", "--out", "/nonexistent-dir/x.jpg"], "--out /nonexistent-dir/x.jpg: no directory /nonexistent-dir"),
     (["bench", str(MODELS / "blazeface.tflite"), "--seconds", "0"], "--seconds: must be at least 1, got 0"),
-    (["deploy", str(MODELS / "blazeface.tflite"), "--chunk-kb", "0"], "--chunk-kb: must be at least 1, got 0"),
+    (["deploy", str(MODELS / "blazeface.tflite"), "--chunk-kb", "0"], "--chunk-kb: must be at least 16, got 0"),
     (["deploy", str(MODELS / "blazeface.tflite"), "--chunk-kb", "129"], "--chunk-kb: must be at most 128, got 129"),
     (["deploy", str(MODELS / "blazeface.tflite"), "--timeout", "-1"], "--timeout: must be more than 0, got -1"),
     (["rollback", "--timeout", "nan"], "--timeout: expected a finite number, got 'nan'"),

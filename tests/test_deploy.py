@@ -449,3 +449,20 @@ def test_a_url_that_trickles_fails_at_download_timeout_and_leaves_nothing_in_sta
     assert took < 30, f"took {took:.0f} s"
     staging = Path(cfg["state_dir"]) / "staging"
     assert not [p for p in staging.iterdir() if p.suffix in (".part", ".have")]
+
+
+def test_manifests_arriving_while_the_deployer_is_busy_are_not_kept_whole(device, tmp_path):
+    cfg, agent, rec = device()
+    stale = copy_model(MODELS / "blazeface.onnx", tmp_path / "busy", "m.onnx")
+    raw, _ = manifest_for(stale, version="1.5.0", no_golden=True)
+    topic = f"edge/{cfg['device_id']}/deploy"
+    publish_manifest(rec.client, topic, raw)  # its chunks never come: the deployer waits in downloading
+    rec.wait_json("/events", lambda e: e["deployment_id"] == raw["deployment_id"] and e["state"] == "downloading")
+    rss0 = rec.wait_json("/health")[-1]["rss_mb"]
+    junk = b"{" + b" " * (2 * 2**20) + b"}"  # 2 MiB each, over the 256 KiB manifest limit
+    for _ in range(60):  # 120 MiB queued behind the download: the queue once kept every byte
+        rec.client.publish(topic, junk, qos=1).wait_for_publish(10)
+    n = len(rec.json("/health"))
+    latest = rec.wait_json("/health", count=n + 3)[-1]
+    assert latest["rss_mb"] < rss0 + 60, (rss0, latest["rss_mb"])
+    assert agent.proc.poll() is None

@@ -109,3 +109,12 @@ def test_a_command_nested_too_deeply_to_parse_is_answered_and_the_next_one_too(l
     assert nested["request_id"] is None and "nested too deeply" in nested["error"]
     assert rec.wait_json("/cmd/response", lambda r: r.get("request_id") == "after")[0]["ok"] is True
     assert "Traceback" not in agent.log(), agent.log()[-2000:]
+
+
+def test_chunks_too_small_to_be_worth_their_bookkeeping_are_refused():
+    raw = {"deployment_id": "tiny-chunks", "source": {"type": "mqtt", "chunks": 1000, "chunk_size": 1},
+           "model": {"name": "m", "version": "1", "format": "onnx", "sha256": "0" * 64, "size": 1000, "task": "raw"}}
+    with pytest.raises(ManifestRejected, match="chunks of 1 bytes are too small: at least 16384"):
+        parse_manifest(json.dumps(raw).encode())
+    raw["source"] = {"type": "mqtt", "chunks": 1, "chunk_size": 1000}  # one small chunk is fine
+    assert parse_manifest(json.dumps(raw).encode())[1].source.chunks == 1

@@ -21,6 +21,7 @@ from agent.deploy.golden import make_golden
 from agent.deploy.manifest import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
     ManifestRejected,
     load_private_key,
     parse_manifest,
@@ -296,7 +297,7 @@ def add_parsers(sub) -> None:
     sp.add_argument("--timeout", type=SECONDS, default=300, help="seconds to wait for every target (default 300)")
     sp.add_argument("--no-wait", action="store_true", help="publish and exit")
     sp.add_argument("--no-golden", action="store_true", help="skip the golden-output check")
-    sp.add_argument("--chunk-kb", type=number(int, low=1, high=MAX_CHUNK_BYTES // 1024),
+    sp.add_argument("--chunk-kb", type=number(int, low=MIN_CHUNK_BYTES // 1024, high=MAX_CHUNK_BYTES // 1024),
                     default=DEFAULT_CHUNK_BYTES // 1024,
                     help="MQTT chunk size in KiB (default 96: fits AWS IoT Core's 128 KiB limit)")
     sp.set_defaults(func=cmd_deploy)

@@ -25,6 +25,7 @@ from agent.deploy.download import Interrupted, download
 from agent.deploy.events import CommandJob, DeployEvent, Job, ManifestJob, ModelRef
 from agent.deploy.journal import Journal
 from agent.deploy.manifest import (
+    MAX_MANIFEST_BYTES,
     DeploymentManifest,
     ManifestRejected,
     check_signature,
@@ -42,6 +43,7 @@ from agent.support.threads import name_this_thread, nice_this_thread
 from agent.vocab import FAILED_STATES, is_safe_id
 
 log = logging.getLogger(__name__)
+QUEUE_MAX_BYTES = 8 * 2**20  # what waiting jobs may hold: 1000 manifests at the 256 KiB limit would be 256 MB
 
 
 class Deployer:
@@ -65,6 +67,9 @@ class Deployer:
         self.probation_s = cfg.deploy.probation_s
         self.deploy_topics = (topics.deploy, *(topics.group_deploy(g) for g in cfg.groups))
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1000)  # None: stop
+        self._queued_bytes = 0  # payload bytes of the manifests waiting in _jobs
+        self._queued_lock = threading.Lock()
+        self._last_too_large = 0.0
         self._receivers: dict[str, ChunkReceiver] = {}
         self._probation: probation.Probation | None = None
         self._stop = threading.Event()
@@ -105,6 +110,9 @@ class Deployer:
         if where is None:
             return False
         if where.deployment_id is None:
+            if len(payload) > MAX_MANIFEST_BYTES:  # refused without keeping (or parsing) its bytes
+                self._enqueue(ManifestJob(topic, b"", too_large=len(payload)))
+                return True
             if payload and self._downloading is not None and _raw_id(payload) not in (None, self._downloading):
                 self._abort.set()
             self._enqueue(ManifestJob(topic, payload))
@@ -117,10 +125,18 @@ class Deployer:
         self._enqueue(CommandJob(command, reply))
 
     def _enqueue(self, job: Job) -> None:
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            log.warning("deployer: too many pending requests; dropped a %s", type(job).__name__)
+        size = len(job.payload) if isinstance(job, ManifestJob) else 0
+        with self._queued_lock:
+            if self._queued_bytes + size > QUEUE_MAX_BYTES:
+                log.warning("deployer: %d bytes of requests already waiting; dropped a %d-byte manifest",
+                            self._queued_bytes, size)
+                return
+            try:
+                self._jobs.put_nowait(job)
+            except queue.Full:
+                log.warning("deployer: too many pending requests; dropped a %s", type(job).__name__)
+                return
+            self._queued_bytes += size
 
     # -- events ----------------------------------------------------------------------------------
     def _report(self, event: DeployEvent, record: bool = True) -> None:
@@ -146,14 +162,26 @@ class Deployer:
             else:
                 if job is None:
                     break
-            try:
                 if isinstance(job, ManifestJob):
+                    with self._queued_lock:
+                        self._queued_bytes -= len(job.payload)
+            try:
+                if isinstance(job, ManifestJob) and job.too_large:
+                    self._refuse_too_large(job.too_large)
+                elif isinstance(job, ManifestJob):
                     self._handle_manifest(job.payload)
                 elif isinstance(job, CommandJob):
                     job.reply(self._handle_command(job.command))
                 self._check_probation()
             except Exception:  # noqa: BLE001 - the deployer must outlive any single bad job
                 log.exception("deployer: unexpected error")
+
+    def _refuse_too_large(self, size: int) -> None:
+        now = time.monotonic()
+        if now - self._last_too_large >= 1.0:  # a flood of them is one event a second, not one each
+            self._last_too_large = now
+            self._report(DeployEvent(None, "rejected", error=f"manifest is {size} bytes; the limit is "
+                                                             f"{MAX_MANIFEST_BYTES}"))
 
     def _handle_manifest(self, payload: bytes) -> None:
         if not payload:

@@ -61,6 +61,7 @@ class ManifestJob:
 
     topic: str
     payload: bytes
+    too_large: int = 0  # the payload's size when it was over the manifest limit (then not kept here)
 
 
 @dataclass(frozen=True)

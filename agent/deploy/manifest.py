@@ -21,6 +21,9 @@ from agent.vocab import ID_PATTERN, SHA256_PATTERN, VERSION_PATTERN, one_of
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 128 * 1024  # AWS IoT Core's message limit
 DEFAULT_CHUNK_BYTES = 96 * 1024
+# Below this a model becomes so many chunks that the bookkeeping costs more than the bytes (each chunk
+# rewrites the record of which arrived): 1-byte chunks of a 1000-byte model wrote ~1 GB.
+MIN_CHUNK_BYTES = 16 * 1024
 
 
 class ManifestRejected(ValueError):
@@ -80,6 +83,9 @@ class DeploymentManifest(_Strict):
         s = self.source
         if isinstance(s, MqttSource) and not ((s.chunks - 1) * s.chunk_size < self.model.size <= s.chunks * s.chunk_size):
             raise ValueError(f"{s.chunks} chunks of {s.chunk_size} bytes do not hold a {self.model.size}-byte model")
+        if isinstance(s, MqttSource) and s.chunks > 1 and s.chunk_size < MIN_CHUNK_BYTES:
+            raise ValueError(f"chunks of {s.chunk_size} bytes are too small: at least {MIN_CHUNK_BYTES} "
+                             "(unless the model fits in one)")
         return self
 
 
