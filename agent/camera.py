@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -18,6 +17,7 @@ import cv2
 import numpy as np
 
 from agent.config import BUNDLE_ROOT, CameraConfig
+from agent.support.redact import redact_url
 from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -233,34 +233,11 @@ def make_source(cfg: CameraConfig, *, base: Path | None = None) -> FrameSource:
         scheme = src.split("://", 1)[0].lower()
         if scheme == "file":
             return CvSource(src[len("file://"):], live=False, loop=cfg.loop)
-        return CvSource(src, live=True, api=cv2.CAP_FFMPEG, name=_redact(src))
+        return CvSource(src, live=True, api=cv2.CAP_FFMPEG, name=redact_url(src))
     path = Path(src).expanduser()
     if not path.is_absolute() and base is not None and (base / path).exists():
         path = base / path
     return CvSource(str(path), live=False, loop=cfg.loop)
-
-
-_SECRET_PARAM = re.compile(r"pass|pwd|token|key|secret|auth|sig|user|login|cred", re.IGNORECASE)
-
-
-def _redact(url: str) -> str:
-    """rtsp://user:secret@host/...?password=x -> rtsp://user:***@host/...?password=*** for logs and health.
-
-    A user alone may be a token, so it goes too. Query parameters that name a credential keep only their name.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    before_query, q, query = rest.partition("?")
-    # The last '@' before the query ends the credentials, even with '@' or '/' inside a password.
-    cred, at, path = before_query.rpartition("@")
-    if at:
-        path = (f"{cred.split(':', 1)[0]}:***@" if ":" in cred else "***@") + path
-    if q:
-        params = [(k, "***" if v and _SECRET_PARAM.search(k) else v)
-                  for k, _, v in (p.partition("=") for p in query.split("&"))]
-        path += "?" + "&".join(f"{k}={v}" if v else k for k, v in params)
-    return f"{scheme}://{path}"
 
 
 class FrameSlot:

@@ -21,10 +21,10 @@ from agent.camera import (
     ImageFolderSource,
     SourceError,
     SyntheticSource,
-    _redact,
     make_source,
 )
 from agent.config import CameraConfig
+from agent.support.redact import redact_url as _redact
 
 
 def frame(i: int) -> Frame:

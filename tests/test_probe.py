@@ -376,7 +376,8 @@ def test_health_finds_the_pi_sensors_once_and_reads_them_every_sample(tmp_path):
     parts = dict(pipeline=SimpleNamespace(stats=PipelineStats()), slot=FrameSlot(),
                  capture=SimpleNamespace(captured=0, state="streaming", source=SimpleNamespace(name="synthetic"),
                                          reopens=0, last_error=None),
-                 mqtt=SimpleNamespace(state="connected", sent=0, unsent=0, last_error=None),
+                 mqtt=SimpleNamespace(state="connected", sent=0, unsent=0, last_error=None, taken_over=0,
+                                      refused=0, oversize=0),
                  model_info=SimpleNamespace(brief=lambda: {"name": "m", "version": "1"}))
     first = sampler.sample(**parts)
     assert first.throttled["raw"] == "0x50005" and first.temperature_c == {"cpu-thermal": 48.312}
