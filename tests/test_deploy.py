@@ -466,3 +466,25 @@ def test_manifests_arriving_while_the_deployer_is_busy_are_not_kept_whole(device
     latest = rec.wait_json("/health", count=n + 3)[-1]
     assert latest["rss_mb"] < rss0 + 60, (rss0, latest["rss_mb"])
     assert agent.proc.poll() is None
+
+
+def test_trusted_keys_added_by_a_reload_apply_at_once_and_the_rest_is_named(device, tmp_path):
+    import yaml
+
+    cfg, agent, rec = device()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    assert ctl(REPO / "config" / "agent.yaml", "keygen", "--out", str(keys / "ops")).returncode == 0
+    changed = yaml.safe_load(agent.config_path.read_text())
+    changed["deploy"]["trusted_keys"] = [(keys / "ops.pub").read_text().strip()]
+    changed["camera"]["fps"] = 5  # not applied live: the log must say so
+    agent.config_path.write_text(yaml.safe_dump(changed))
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: "deploy settings applied (1 trusted key(s))" in agent.log(), 15, what="the keys applied")
+    assert "reload: camera.fps changed; it applies after a restart" in agent.log()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "k", "m.onnx")
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "30")
+    assert r.returncode == 1 and "rejected: unsigned deployment" in r.stderr, r.stderr
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60",
+            "--sign-key", str(keys / "ops.key"))
+    assert r.returncode == 0, r.stderr

@@ -206,7 +206,8 @@ class Agent:
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config and apply what can change live (log level, health, model)."""
+        """SIGHUP: re-read the config and apply what can change live (log level, health, deploy, model);
+        the rest is named in the log as needing a restart."""
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
@@ -215,6 +216,14 @@ class Agent:
         else:
             logging.getLogger().setLevel(new.log_level.upper())
             self.cfg.health.interval_s = new.health.interval_s
+            if new.deploy != self.cfg.deploy:  # trusted keys first of all: security applies at once
+                try:
+                    self.deployer.reconfigure(new.deploy)
+                except ValueError as exc:
+                    log.error("reload: deploy settings not applied: %s", exc)
+            if stale := _needs_restart(self.cfg, new):
+                log.warning("reload: %s changed; %s after a restart (systemctl restart edge-agent)",
+                            ", ".join(stale), "it applies" if len(stale) == 1 else "they apply")
             if new.model != self.cfg.model or new.runtime != self.cfg.runtime:
                 try:
                     model = self._load(new.model.path, configured=True, cfg=new)
@@ -249,6 +258,24 @@ class Agent:
         self.model.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)
         return 0
+
+
+LIVE_KEYS = ("log_level", "health.", "deploy.", "model.", "runtime.")  # what reload applies
+
+
+def _needs_restart(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """The keys (``section.key``) that differ between ``old`` and ``new`` and that reload cannot apply."""
+    def flat(cfg: AgentConfig) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in cfg.model_dump().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    return [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(LIVE_KEYS)]
 
 
 def _require_state_dir(path: Path) -> None:

@@ -88,6 +88,17 @@ class Deployer:
     def subscriptions(self) -> list[tuple[str, int]]:
         return [(t, 1) for base in self.deploy_topics for t in (base, chunk_filter(base))]
 
+    def reconfigure(self, deploy) -> None:
+        """Apply new deploy settings at once (a reload): trusted keys, limits, timeouts, probation.
+
+        ValueError for a key that does not load; nothing changes then.
+        """
+        trusted = [load_public_key(k) for k in deploy.trusted_keys]
+        self.trusted, self.probation_s = trusted, deploy.probation_s
+        self.store.keep = deploy.keep_versions
+        self.cfg.deploy = deploy
+        log.info("deploy settings applied (%d trusted key(s))", len(trusted))
+
     def start(self) -> None:
         self._loader.submit(lambda: None).result()  # its thread starts now, from this (un-niced) thread
         self._thread.start()
