@@ -488,3 +488,43 @@ def test_trusted_keys_added_by_a_reload_apply_at_once_and_the_rest_is_named(devi
     r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60",
             "--sign-key", str(keys / "ops.key"))
     assert r.returncode == 0, r.stderr
+
+
+def test_an_unverified_message_does_not_abort_a_download(broker, recorder_factory, agent_factory, tmp_path):
+    cfg, agent, sender, raw, data, topic = _resume_setup(broker, recorder_factory, agent_factory, tmp_path)
+    # invalid, unsigned, naming another id: once enough to abort the half-done download for good
+    sender.client.publish(topic, b'{"deployment_id": "x"}', qos=1).wait_for_publish(5)
+    time.sleep(1.0)
+    _serve_needs_until_active(sender, raw, data, topic)
+    assert not [e for e in events(sender, raw["deployment_id"]) if e["state"] == "failed"]
+
+
+def test_a_broken_copy_claiming_a_real_id_does_not_burn_it(device, tmp_path):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "c", "m.onnx")
+    raw, data = manifest_for(model, version="2.0.0", no_golden=True)
+    topic = f"edge/{cfg['device_id']}/deploy"
+    forged = {**raw, "model": {**raw["model"], "size": -1}}  # fails the schema: unverifiable
+    rec.client.publish(topic, json.dumps(forged).encode(), qos=1).wait_for_publish(5)
+    rejected = rec.wait_json("/events", lambda e: e["state"] == "rejected" and e.get("deployment_id") == raw[
+        "deployment_id"])[0]
+    assert rejected["manifest_sha256"]  # names the bytes it was about, so agent-ctl can tell it is not its own
+    publish_manifest(rec.client, topic, raw)  # the real one: once "already rejected", never applied
+    rec.wait_json("/events", lambda e: e.get("deployment_id") == raw["deployment_id"] and e["state"] == "received")
+    publish_chunks(rec.client, topic, raw, data, range(raw["source"]["chunks"]))
+    rec.wait_json("/events", lambda e: e.get("deployment_id") == raw["deployment_id"] and e["state"] == "active",
+                  timeout=60)
+
+
+def test_an_older_manifest_delivered_again_does_not_supersede_a_newer_download(broker, recorder_factory,
+                                                                               agent_factory, tmp_path):
+    # After a broker restart every retained manifest comes again, a group's older one too: only a valid,
+    # unfinished, newer manifest may take over the download in progress.
+    cfg, agent, sender, raw, data, topic = _resume_setup(broker, recorder_factory, agent_factory, tmp_path)
+    older = copy_model(MODELS / "blazeface.onnx", tmp_path / "older", "m.onnx")
+    old_raw, _ = manifest_for(older, version="1.5.0", no_golden=True)
+    old_raw["created"] = raw["created"] - 3600
+    sender.client.publish(topic, json.dumps(old_raw).encode(), qos=1).wait_for_publish(5)
+    time.sleep(1.0)
+    _serve_needs_until_active(sender, raw, data, topic)
+    assert not [e for e in events(sender, raw["deployment_id"]) if e["state"] == "failed"]

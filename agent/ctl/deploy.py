@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -118,6 +119,8 @@ class DeployRun:
     def __init__(self, session, cfg, raw: dict, data: bytes, *, device: str | None, group: str | None):
         self.s, self.cfg, self.raw, self.data = session, cfg, raw, data
         self.id = raw["deployment_id"]
+        self.payload = json.dumps(raw).encode()  # what is published, byte for byte
+        self.payload_sha256 = hashlib.sha256(self.payload).hexdigest()[:16]
         self.prefix = cfg.mqtt.prefix
         self.group = group
         self.targets: dict[str, Target] = {}
@@ -146,6 +149,8 @@ class DeployRun:
         ev = json_object(msg)
         if dev is None or ev is None or ev.get("deployment_id") != self.id:
             return
+        if ev.get("manifest_sha256") not in (None, self.payload_sha256):
+            return  # a rejection of other bytes that claimed this id (a forged copy): not about ours
         with self.lock:
             t = self.targets.get(dev)
             if t is None:
@@ -204,7 +209,7 @@ def cmd_deploy(args) -> int:
         print(f"deploying {raw['model']['name']} {raw['model']['version']} ({raw['model']['format']}, "
               f"{size_mb:.2f} MB, sha256 {raw['model']['sha256'][:12]}…) as {run.id} to "
               f"{'group ' + args.group if args.group else 'device ' + device}", file=sys.stderr)
-        s.publish(run.manifest_topic, json.dumps(raw).encode(), qos=1, retain=True)
+        s.publish(run.manifest_topic, run.payload, qos=1, retain=True)
         if args.no_wait:
             if raw["source"]["type"] == "mqtt":
                 run.publish_chunks(run.manifest_topic)

@@ -76,7 +76,7 @@ class Deployer:
         # Set when a newer manifest arrives while one is downloading: the desired model changed, so the
         # old transfer (perhaps waiting for a sender that is long gone) gives way at once.
         self._abort = threading.Event()
-        self._downloading: str | None = None
+        self._downloading: DeploymentManifest | None = None
         self._thread = threading.Thread(target=self._run, name="deployer", daemon=True)
         # Models are loaded on a thread at normal priority: the runtime's worker threads (ORT's intra-op
         # pool, XNNPACK's) are created by the loading thread and inherit its niceness, and they go on
@@ -124,12 +124,28 @@ class Deployer:
             if len(payload) > MAX_MANIFEST_BYTES:  # refused without keeping (or parsing) its bytes
                 self._enqueue(ManifestJob(topic, b"", too_large=len(payload)))
                 return True
-            if payload and self._downloading is not None and _raw_id(payload) not in (None, self._downloading):
+            if payload and self._downloading is not None and self._supersedes(payload):
                 self._abort.set()
             self._enqueue(ManifestJob(topic, payload))
         elif (receiver := self._receivers.get(where.deployment_id)) is not None:
             receiver.write(where.chunk, payload)  # type: ignore[arg-type]
         return True
+
+    def _supersedes(self, payload: bytes) -> bool:
+        """Whether this manifest replaces the one downloading now: valid, signed as required, not finished,
+        and made later. Nothing unverified may abort a verified deployment, and a stale retained
+        manifest re-delivered after a broker restart (a group's older one) does not either."""
+        downloading = self._downloading
+        if downloading is None:
+            return False
+        try:
+            raw, m = parse_manifest(payload)
+            check_signature(raw, self.trusted)
+        except ManifestRejected:
+            return False
+        if m.deployment_id == downloading.deployment_id or self.journal.finished(m.deployment_id):
+            return False
+        return (m.created or 0.0) > (downloading.created or 0.0) or downloading.created is None
 
     def request(self, command: str, reply: Callable[[CommandReply], None]) -> None:
         """A cmd-topic request handled on the deployer thread, in order with deployments."""
@@ -199,13 +215,16 @@ class Deployer:
             return  # a cleared retained manifest
         try:
             raw, manifest = parse_manifest(payload)
+            check_signature(raw, self.trusted)
         except ManifestRejected as exc:
-            did = _raw_id(payload)
-            key = did or "payload-" + hashlib.sha256(payload).hexdigest()[:16]
+            # Not verified, so it speaks for nobody: journaled by its bytes, never under the id it claims
+            # (a forged copy of a real manifest's id must not make the real one "already rejected").
+            digest = hashlib.sha256(payload).hexdigest()[:16]
+            key = "payload-" + digest
             if not self.journal.finished(key):
-                self._report(DeployEvent(did, "rejected", error=str(exc)))
-                if did is None:
-                    self.journal.record(key, "rejected", str(exc))
+                self._report(DeployEvent(_raw_id(payload), "rejected", error=str(exc), manifest_sha256=digest),
+                             record=False)
+                self.journal.record(key, "rejected", str(exc))
             return
         did = manifest.deployment_id
         if self.journal.finished(did):
@@ -237,7 +256,6 @@ class Deployer:
         if spec.size > limit:
             raise ManifestRejected(f"model is {spec.size / 2**20:.1f} MB; this device accepts at most "
                                    f"{self.cfg.deploy.max_model_mb:g} MB (deploy.max_model_mb)")
-        check_signature(raw, self.trusted)
         running = self.current_model().info
         if running.sha256 == spec.sha256 and (running.name, running.version) == (spec.name, spec.version):
             self._report(DeployEvent(did, "active", progress=1.0, note="this model is already running"))
@@ -257,7 +275,7 @@ class Deployer:
         self._activate(did, staging.install(self.store, staged, m, raw, staged_is_installed=installed is not None))
 
     def _download(self, m: DeploymentManifest) -> Path:
-        self._downloading = m.deployment_id
+        self._downloading = m
         self._abort.clear()
         try:
             return download(m, self.staging, receivers=self._receivers, report=self._report, stop=self._stop,

@@ -42,12 +42,15 @@ class DeployEvent:
     resumed: bool | None = None
     model: ModelRef | None = None
     note: str | None = None
+    # On a rejection of a manifest that could not be verified: which bytes (sha256, 16 hex digits), so
+    # the sender of the real manifest with this id can tell a forged copy's rejection from its own.
+    manifest_sha256: str | None = None
     ts: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"deployment_id": self.deployment_id, "state": self.state, "progress": self.progress,
                                "error": self.error, "ts": self.ts}
-        for key in ("need", "resumed", "note"):
+        for key in ("need", "resumed", "note", "manifest_sha256"):
             if (value := getattr(self, key)) is not None:
                 out[key] = value
         if self.model is not None:
