@@ -528,3 +528,19 @@ def test_an_older_manifest_delivered_again_does_not_supersede_a_newer_download(b
     time.sleep(1.0)
     _serve_needs_until_active(sender, raw, data, topic)
     assert not [e for e in events(sender, raw["deployment_id"]) if e["state"] == "failed"]
+
+
+def test_a_forged_chunk_is_dropped_and_the_real_one_taken(device, tmp_path):
+    cfg, agent, rec = device()
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "fc", "m.onnx")
+    raw, data = manifest_for(model, version="2.0.0", no_golden=True)
+    assert len(raw["source"]["chunk_sha256"]) == raw["source"]["chunks"] > 1
+    topic = f"edge/{cfg['device_id']}/deploy"
+    did = raw["deployment_id"]
+    publish_manifest(rec.client, topic, raw)
+    rec.wait_json("/events", lambda e: e.get("deployment_id") == did and e["state"] == "downloading")
+    size = raw["source"]["chunk_size"]
+    rec.client.publish(f"{topic}/{did}/chunk/0", bytes(size), qos=1).wait_for_publish(5)  # first, and wrong
+    publish_chunks(rec.client, topic, raw, data, range(raw["source"]["chunks"]))
+    rec.wait_json("/events", lambda e: e.get("deployment_id") == did and e["state"] == "active", timeout=60)
+    assert "chunk 0 does not match its sha256" in agent.log()

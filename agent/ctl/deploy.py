@@ -80,7 +80,9 @@ def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
         source: dict = {"type": "url", "url": args.url}
     else:
         chunk = args.chunk_kb * 1024
-        source = {"type": "mqtt", "chunks": max(1, -(-len(data) // chunk)), "chunk_size": chunk}
+        n = max(1, -(-len(data) // chunk))
+        source = {"type": "mqtt", "chunks": n, "chunk_size": chunk,
+                  "chunk_sha256": [hashlib.sha256(data[i * chunk:(i + 1) * chunk]).hexdigest() for i in range(n)]}
     raw: dict = {"deployment_id": f"{name}-{version}-{uuid.uuid4().hex[:8]}", "model": spec, "source": source,
                  "created": time.time()}
     if not args.no_golden:

@@ -56,7 +56,7 @@ def _chunks(m: DeploymentManifest, staging: Path, *, receivers: dict[str, ChunkR
             stop: threading.Event, abort: threading.Event, timeout_s: float) -> Path:
     did, source = m.deployment_id, m.source
     assert isinstance(source, MqttSource)
-    r = ChunkReceiver(staging, did, source.chunks, source.chunk_size, m.model.size)
+    r = ChunkReceiver(staging, did, source.chunks, source.chunk_size, m.model.size, source.chunk_sha256)
     receivers[did] = r
     if r.resumed:
         log.info("deployment %s: resuming with %d of %d chunks on disk", did, r.resumed, r.chunks)

@@ -63,6 +63,15 @@ class MqttSource(_Strict):
     type: Literal["mqtt"]
     chunks: int = Field(gt=0, le=1_000_000)
     chunk_size: int = Field(gt=0, le=MAX_CHUNK_BYTES)
+    # Each chunk's sha256, signed with the rest: a chunk that does not match is dropped and asked for
+    # again, so one forged chunk cannot fail the deployment at the final hash.
+    chunk_sha256: list[Annotated[str, Field(pattern=SHA256_PATTERN)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_hash_per_chunk(self) -> MqttSource:
+        if self.chunk_sha256 is not None and len(self.chunk_sha256) != self.chunks:
+            raise ValueError(f"chunk_sha256 has {len(self.chunk_sha256)} hashes for {self.chunks} chunks")
+        return self
 
 
 class UrlSource(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -30,11 +31,14 @@ class ChunkReceiver:
     chunk whose bytes were not written first.
     """
 
-    def __init__(self, staging: Path, deployment_id: str, chunks: int, chunk_size: int, size: int):
+    def __init__(self, staging: Path, deployment_id: str, chunks: int, chunk_size: int, size: int,
+                 chunk_sha256: list[str] | None = None):
         staging.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.part = staging / f"{deployment_id}.part"
         self._have_path = staging / f"{deployment_id}.have"
         self.chunks, self.chunk_size, self.size = chunks, chunk_size, size
+        self.chunk_sha256 = chunk_sha256
+        self.rejected = 0  # chunks dropped for not matching their hash
         self._have = bytearray(chunks)
         self._cond = threading.Condition()
         if self.part.exists() and self._have_path.exists():
@@ -57,6 +61,10 @@ class ChunkReceiver:
         expected = min(self.chunk_size, self.size - index * self.chunk_size)
         if len(data) != expected:
             log.warning("chunk %d has %d bytes, expected %d; ignored", index, len(data), expected)
+            return False
+        if self.chunk_sha256 is not None and hashlib.sha256(data).hexdigest() != self.chunk_sha256[index]:
+            self.rejected += 1
+            log.warning("chunk %d does not match its sha256 in the manifest; dropped (it is asked for again)", index)
             return False
         with self._cond:
             if self._have[index] or self._fd < 0:
