@@ -67,15 +67,15 @@ def slow_onnx(dest_dir: Path, matmuls: int = 40) -> Path:
     return dest_dir / "slow.onnx"
 
 
-def manifest_for(model: Path, **flags) -> tuple[dict, bytes]:
-    """The manifest agent-ctl would send, built by agent-ctl's own code."""
+def manifest_for(model: Path, target: dict | None = None, **flags) -> tuple[dict, bytes]:
+    """The manifest agent-ctl would send, built by agent-ctl's own code (``target``: its signed target)."""
     from agent.ctl.deploy import build_manifest
 
     args = argparse.Namespace(task=None, labels=None, name=None, version=None, url=None, no_golden=False,
                               sign_key=None, chunk_kb=96)
     for k, v in flags.items():
         setattr(args, k, v)
-    return build_manifest(args, model)
+    return build_manifest(args, model, target)
 
 
 def publish_manifest(client, topic: str, raw: dict) -> None:

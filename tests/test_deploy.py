@@ -544,3 +544,55 @@ def test_a_forged_chunk_is_dropped_and_the_real_one_taken(device, tmp_path):
     publish_chunks(rec.client, topic, raw, data, range(raw["source"]["chunks"]))
     rec.wait_json("/events", lambda e: e.get("deployment_id") == did and e["state"] == "active", timeout=60)
     assert "chunk 0 does not match its sha256" in agent.log()
+
+
+def test_a_signed_manifest_is_one_release_for_one_target(broker, recorder_factory, agent_factory, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("old", "new"):  # two trusted keys: rotation
+        assert ctl(REPO / "config" / "agent.yaml", "keygen", "--out", str(keys / name)).returncode == 0
+    trusted = [(keys / f"{n}.pub").read_text().strip() for n in ("old", "new")]
+    cfg = agent_config(broker, tmp_path, groups=["lobby"], deploy={"trusted_keys": trusted, "probation_s": 0})
+    dev = cfg["device_id"]
+    agent = agent_factory(cfg).start()
+    rec = recorder_factory(broker, f"edge/{dev}/#")
+    rec.wait_json("/predictions", count=2, timeout=30)
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "t", "m.onnx")
+    key = str(keys / "new.key")
+
+    def rejected_for(raw: dict, topic: str) -> str:
+        publish_manifest(rec.client, topic, raw)
+        ev = rec.wait_json("/events", lambda e: e.get("deployment_id") == raw["deployment_id"]
+                           and e["state"] == "rejected")[0]
+        return ev["error"]
+
+    own, group = f"edge/{dev}/deploy", "edge/groups/lobby/deploy"
+    older, _ = manifest_for(model, {"devices": [dev]}, version="1.1.0", sign_key=key, no_golden=True)
+    for_other, _ = manifest_for(model, {"devices": ["cam-a"]}, version="1.2.0", sign_key=key, no_golden=True)
+    assert rejected_for(for_other, own) == f"signed for device(s) cam-a, not {dev}"
+    for_parking, _ = manifest_for(model, {"group": "parking"}, version="1.3.0", sign_key=key, no_golden=True)
+    assert rejected_for(for_parking, group) == "signed for group parking, published on group lobby's topic"
+    for_lobby, _ = manifest_for(model, {"group": "lobby"}, version="1.4.0", sign_key=key, no_golden=True)
+    assert rejected_for(for_lobby, own) == "signed for group lobby, published on this device's own topic"
+    expired, _ = manifest_for(model, {"devices": [dev]}, version="1.5.0", sign_key=key, no_golden=True,
+                              expires_in=-60)
+    assert rejected_for(expired, own).startswith("expired at ")
+    untargeted, _ = manifest_for(model, version="1.6.0", sign_key=key, no_golden=True)
+    assert rejected_for(untargeted, own) == "signed manifests must name target (agent-ctl deploy does)"
+
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--timeout", "60", "--sign-key", key)
+    assert r.returncode == 0, r.stderr  # signed by the second trusted key
+    # a replay of an older signed release (a downgrade) is refused: the device keeps the highest counter
+    error = rejected_for(older, own)
+    assert error.startswith(f"release counter {older['counter']} is not above "), error
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(15) == 0
+    agent.start()  # the counter survives a restart
+    rec.wait_json("/status", lambda s: s["state"] == "online" and s["model"]["version"] == "2.0.0")
+    older2, _ = manifest_for(model, {"devices": [dev]}, version="1.7.0", sign_key=key, no_golden=True)
+    older2["counter"] = older["counter"] + 1  # still below 2.0.0's, re-signed
+    from agent.deploy.manifest import load_private_key, sign
+
+    del older2["signature"]
+    older2["signature"] = sign(older2, load_private_key(keys / "new.key"))
+    assert rejected_for(older2, own).startswith(f"release counter {older2['counter']} is not above ")

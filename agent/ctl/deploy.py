@@ -24,11 +24,13 @@ from agent.deploy.manifest import (
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
     ManifestRejected,
+    key_id,
     load_private_key,
     parse_manifest,
     public_key_text,
     sign,
 )
+from agent.deploy.release import DEFAULT_EXPIRES_S
 from agent.inference.modelfile import declared_labels, file_sha256, read_manifest
 from agent.messaging.topics import Topics, chunk_topic, device_of, group_deploy
 from agent.runtimes import detect_format
@@ -41,8 +43,13 @@ def safe_name(text: str) -> str:
     return name[:100]
 
 
-def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
-    """The manifest dict and the model bytes; UsageError for bad input."""
+def build_manifest(args, model_path: Path, target: dict | None = None) -> tuple[dict, bytes]:
+    """The manifest dict and the model bytes; UsageError for bad input.
+
+    ``target`` ({"devices": [...]} or {"group": ...}) goes into the signed body with the issue and
+    expiry times, the signing key's id and a release counter (milliseconds since the epoch: every new
+    deployment from any operator's machine counts higher than the last).
+    """
     if not model_path.is_file():
         raise UsageError(f"model file not found: {model_path}")
     try:
@@ -83,8 +90,12 @@ def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
         n = max(1, -(-len(data) // chunk))
         source = {"type": "mqtt", "chunks": n, "chunk_size": chunk,
                   "chunk_sha256": [hashlib.sha256(data[i * chunk:(i + 1) * chunk]).hexdigest() for i in range(n)]}
+    now = time.time()
     raw: dict = {"deployment_id": f"{name}-{version}-{uuid.uuid4().hex[:8]}", "model": spec, "source": source,
-                 "created": time.time()}
+                 "created": now, "issued_at": now,
+                 "expires_at": now + getattr(args, "expires_in", DEFAULT_EXPIRES_S), "counter": int(now * 1000)}
+    if target is not None:
+        raw["target"] = target
     if not args.no_golden:
         try:
             raw["golden"] = make_golden(model_path, task).model_dump()
@@ -95,9 +106,11 @@ def build_manifest(args, model_path: Path) -> tuple[dict, bytes]:
         if not key_path.is_file():
             raise UsageError(f"signing key not found: {key_path}")
         try:
-            raw["signature"] = sign(raw, load_private_key(key_path))
+            key = load_private_key(key_path)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        raw["key_id"] = key_id(key.public_key())
+        raw["signature"] = sign(raw, key)
     try:  # what the device will check, checked here first: a bad key never costs an upload
         parse_manifest(json.dumps(raw).encode())
     except ManifestRejected as exc:
@@ -197,9 +210,9 @@ def _bar(p: float, width: int = 20) -> str:
 
 
 def cmd_deploy(args) -> int:
-    raw, data = build_manifest(args, Path(args.model))
     cfg = ctl_config(args)
     device = None if args.group else (args.device or cfg.device_id)
+    raw, data = build_manifest(args, Path(args.model), {"group": args.group} if args.group else {"devices": [device]})
     s = MqttSession(cfg)
     run = DeployRun(s, cfg, raw, data, device=device, group=args.group)
     try:
@@ -303,6 +316,8 @@ def add_parsers(sub) -> None:
     sp.add_argument("--sign-key", help="Ed25519 private key (from agent-ctl keygen) to sign the manifest")
     sp.add_argument("--timeout", type=SECONDS, default=300, help="seconds to wait for every target (default 300)")
     sp.add_argument("--no-wait", action="store_true", help="publish and exit")
+    sp.add_argument("--expires-in", type=SECONDS, default=DEFAULT_EXPIRES_S, metavar="SECONDS",
+                    help="devices refuse the manifest after this long (default 7 days)")
     sp.add_argument("--no-golden", action="store_true", help="skip the golden-output check")
     sp.add_argument("--chunk-kb", type=number(int, low=MIN_CHUNK_BYTES // 1024, high=MAX_CHUNK_BYTES // 1024),
                     default=DEFAULT_CHUNK_BYTES // 1024,

@@ -32,6 +32,7 @@ from agent.deploy.manifest import (
     load_public_key,
     parse_manifest,
 )
+from agent.deploy.release import Arrival, ReleaseCounter, check_release
 from agent.deploy.store import ModelStore, StoredModel
 from agent.deploy.transfer import ChunkReceiver, TransferError
 from agent.deploy.validate import BACKGROUND_NICE, ValidationFailed
@@ -62,6 +63,7 @@ class Deployer:
         self.current_model = current_model
         state_dir = cfg.state_dir
         self.journal = Journal(state_dir / "deployments.jsonl")
+        self.release = ReleaseCounter(state_dir / "release.json")
         self.staging = state_dir / "staging"
         self.trusted = [load_public_key(k) for k in cfg.deploy.trusted_keys]
         self.probation_s = cfg.deploy.probation_s
@@ -124,14 +126,26 @@ class Deployer:
             if len(payload) > MAX_MANIFEST_BYTES:  # refused without keeping (or parsing) its bytes
                 self._enqueue(ManifestJob(topic, b"", too_large=len(payload)))
                 return True
-            if payload and self._downloading is not None and self._supersedes(payload):
+            if payload and self._downloading is not None and self._supersedes(topic, payload):
                 self._abort.set()
             self._enqueue(ManifestJob(topic, payload))
         elif (receiver := self._receivers.get(where.deployment_id)) is not None:
             receiver.write(where.chunk, payload)  # type: ignore[arg-type]
         return True
 
-    def _supersedes(self, payload: bytes) -> bool:
+    def _arrival(self, topic: str) -> Arrival:
+        where = parse_deploy_topic(topic, self.deploy_topics)
+        group = next((g for g in self.cfg.groups if where and where.deploy_topic == self.topics.group_deploy(g)), None)
+        return Arrival(self.cfg.device_id, tuple(self.cfg.groups), group)
+
+    def _verified(self, topic: str, payload: bytes) -> tuple[dict, DeploymentManifest]:
+        """The manifest if it is valid, signed as required and meant for this device now; ManifestRejected if not."""
+        raw, m = parse_manifest(payload)
+        check_signature(raw, self.trusted)
+        check_release(m, self._arrival(topic), signed_required=bool(self.trusted), highest=self.release.highest)
+        return raw, m
+
+    def _supersedes(self, topic: str, payload: bytes) -> bool:
         """Whether this manifest replaces the one downloading now: valid, signed as required, not finished,
         and made later. Nothing unverified may abort a verified deployment, and a stale retained
         manifest re-delivered after a broker restart (a group's older one) does not either."""
@@ -139,8 +153,7 @@ class Deployer:
         if downloading is None:
             return False
         try:
-            raw, m = parse_manifest(payload)
-            check_signature(raw, self.trusted)
+            raw, m = self._verified(topic, payload)
         except ManifestRejected:
             return False
         if m.deployment_id == downloading.deployment_id or self.journal.finished(m.deployment_id):
@@ -196,7 +209,7 @@ class Deployer:
                 if isinstance(job, ManifestJob) and job.too_large:
                     self._refuse_too_large(job.too_large)
                 elif isinstance(job, ManifestJob):
-                    self._handle_manifest(job.payload)
+                    self._handle_manifest(job.topic, job.payload)
                 elif isinstance(job, CommandJob):
                     job.reply(self._handle_command(job.command))
                 self._check_probation()
@@ -210,7 +223,7 @@ class Deployer:
             self._report(DeployEvent(None, "rejected", error=f"manifest is {size} bytes; the limit is "
                                                              f"{MAX_MANIFEST_BYTES}"))
 
-    def _handle_manifest(self, payload: bytes) -> None:
+    def _handle_manifest(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained manifest
         try:
@@ -230,6 +243,13 @@ class Deployer:
         if self.journal.finished(did):
             log.debug("deployment %s already %s; not applied again", did, self.journal.state(did))
             return
+        try:  # authentic, but for this device, now, and newer than what it has accepted?
+            check_release(manifest, self._arrival(topic), signed_required=bool(self.trusted),
+                          highest=self.release.highest)
+        except ManifestRejected as exc:
+            self._report(DeployEvent(did, "rejected", error=str(exc)))
+            return
+        self.release.accept(manifest)
         self.last_deployment = did
         resumed = self.journal.state(did) is not None
         self._report(DeployEvent(did, "received", resumed=resumed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -79,6 +80,19 @@ class UrlSource(_Strict):
     url: str = Field(pattern=r"^(https?|file)://", max_length=4096)
 
 
+class Target(_Strict):
+    """Who a manifest is for, inside the signed body: devices by id, or one group (exactly one of the two)."""
+
+    devices: list[Annotated[str, Field(pattern=ID_PATTERN)]] | None = Field(None, min_length=1, max_length=10_000)
+    group: str | None = Field(None, pattern=ID_PATTERN)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Target:
+        if (self.devices is None) == (self.group is None):
+            raise ValueError("a target names either devices or a group")
+        return self
+
+
 class DeploymentManifest(_Strict):
     deployment_id: str = Field(pattern=ID_PATTERN)
     model: ModelSection
@@ -86,6 +100,12 @@ class DeploymentManifest(_Strict):
     golden: Golden | None = None
     signature: str | None = None
     created: float | None = None
+    # Signed with the rest (TUF/Uptane-style), so a signed manifest is one release for one target:
+    target: Target | None = None
+    issued_at: float | None = None
+    expires_at: float | None = None
+    key_id: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")  # which trusted key signed it
+    counter: int | None = Field(None, ge=0)  # release counter: a device accepts only ever higher ones
 
     @model_validator(mode="after")
     def _chunks_cover_the_file(self) -> DeploymentManifest:
@@ -148,6 +168,12 @@ def load_public_key(text: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
+def key_id(key: Ed25519PublicKey) -> str:
+    """A key's short name in manifests: the first 16 hex digits of the sha256 of its 32 raw bytes."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
@@ -172,6 +198,12 @@ def check_signature(raw: dict, trusted: list[Ed25519PublicKey]) -> None:
     except (ValueError, TypeError):
         raise ManifestRejected("signature is not base64") from None
     data = canonical_bytes(raw)
+    kid = raw.get("key_id")
+    if kid is not None:
+        trusted = [k for k in trusted if key_id(k) == kid]
+        if not trusted:
+            raise ManifestRejected(f"bad signature: signed by key {str(kid)[:16]}, which this device does not "
+                                   "trust (deploy.trusted_keys)")
     for key in trusted:
         try:
             key.verify(sig, data)
