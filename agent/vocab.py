@@ -30,6 +30,10 @@ def is_safe_id(value: object) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
+# -- commands on <device>/cmd ---------------------------------------------------------------------
+# With deploy.trusted_keys set these change the device's state, so they need a signature as deployments do.
+STATE_CHANGING_COMMANDS = ("rollback", "reload")
+
 # -- runtime choice -----------------------------------------------------------------------------
 AUTO = "auto"
 # What runtime.accelerator accepts. Status may also report xnnpack: TFLite's CPU path, not a choice.

@@ -596,3 +596,39 @@ def test_a_signed_manifest_is_one_release_for_one_target(broker, recorder_factor
     del older2["signature"]
     older2["signature"] = sign(older2, load_private_key(keys / "new.key"))
     assert rejected_for(older2, own).startswith(f"release counter {older2['counter']} is not above ")
+
+
+def test_with_trusted_keys_a_rollback_must_be_signed_fresh_for_this_device_and_once(broker, recorder_factory,
+                                                                                     agent_factory, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    assert ctl(REPO / "config" / "agent.yaml", "keygen", "--out", str(keys / "ops")).returncode == 0
+    key = str(keys / "ops.key")
+    cfg = agent_config(broker, tmp_path, deploy={"trusted_keys": [(keys / "ops.pub").read_text().strip()],
+                                                 "probation_s": 0})
+    dev = cfg["device_id"]
+    agent = agent_factory(cfg).start()
+    rec = recorder_factory(broker, f"edge/{dev}/#")
+    rec.wait_json("/predictions", count=2, timeout=30)
+    model = copy_model(MODELS / "blazeface.onnx", tmp_path / "rb", "m.onnx")
+    assert ctl(agent.config_path, "deploy", str(model), "--version", "2.0.0", "--sign-key", key,
+               "--timeout", "60").returncode == 0
+
+    r = ctl(agent.config_path, "rollback", "--timeout", "10")
+    assert r.returncode == 1 and "rollback failed: unsigned rollback" in r.stderr, r.stderr
+    assert "agent-ctl rollback --sign-key FILE" in r.stderr
+
+    from agent.ctl.device import signed_body
+
+    for_other = signed_body("rollback", "r-other", "cam-elsewhere", Path(key))
+    rec.client.publish(f"edge/{dev}/cmd", json.dumps(for_other).encode(), qos=1).wait_for_publish(5)
+    reply = rec.wait_json("/cmd/response", lambda m: m.get("request_id") == "r-other")[0]
+    assert reply["ok"] is False and "signed for device 'cam-elsewhere'" in reply["error"]
+
+    r = ctl(agent.config_path, "rollback", "--sign-key", key, "--timeout", "10")
+    assert r.returncode == 0 and "rolled back to blazeface-short-range 1.0.0" in r.stdout, r.stderr
+    signed = next(m for m in (json.loads(p) for t, p, _ in rec.messages if t.endswith("/cmd"))
+                  if m.get("signature") and m.get("device") == dev)  # what agent-ctl sent, as captured
+    rec.client.publish(f"edge/{dev}/cmd", json.dumps(signed).encode(), qos=1).wait_for_publish(5)  # a replay
+    replies = rec.wait_json("/cmd/response", lambda m: m.get("request_id") == signed["request_id"], count=2)
+    assert replies[-1]["ok"] is False and "already run (a replay)" in replies[-1]["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -13,13 +14,31 @@ import paho.mqtt.client as paho
 from agent.ctl.args import SECONDS
 from agent.ctl.client import MqttSession, ctl_config, json_object
 from agent.ctl.errors import EXIT_OK, CtlError, UsageError
+from agent.deploy.manifest import key_id, load_private_key, sign
 from agent.messaging.topics import Topics
+from agent.vocab import STATE_CHANGING_COMMANDS
+
+SIGNED_FOR_S = 60  # a signed command is good for this long, and for one device, once
 
 
-def request(cfg, device: str, command: str, timeout: float) -> dict:
-    """Send one cmd to a device and wait for its response."""
+def signed_body(command: str, rid: str, device: str, key_path: Path) -> dict:
+    """A state-changing request signed like a manifest: for ``device``, expiring in SIGNED_FOR_S."""
+    try:
+        key = load_private_key(key_path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--sign-key {key_path}: {getattr(exc, 'strerror', None) or exc}") from None
+    now = time.time()
+    body = {"command": command, "request_id": rid, "device": device, "issued_at": now,
+            "expires_at": now + SIGNED_FOR_S, "key_id": key_id(key.public_key())}
+    body["signature"] = sign(body, key)
+    return body
+
+
+def request(cfg, device: str, command: str, timeout: float, sign_key: Path | None = None) -> dict:
+    """Send one cmd to a device (signed with ``sign_key`` when given) and wait for its response."""
     topics = Topics(cfg.mqtt.prefix, device)
     rid = uuid.uuid4().hex
+    body = signed_body(command, rid, device, sign_key) if sign_key else {"command": command, "request_id": rid}
     got: dict = {}
     done = threading.Event()
 
@@ -32,7 +51,7 @@ def request(cfg, device: str, command: str, timeout: float) -> dict:
     s = MqttSession(cfg)
     try:
         s.subscribe(topics.cmd_response, on_resp)
-        s.publish(topics.cmd, json.dumps({"command": command, "request_id": rid}).encode(), qos=1)
+        s.publish(topics.cmd, json.dumps(body).encode(), qos=1)
         if not done.wait(timeout):
             raise CtlError(f"no answer from {device} within {timeout:.0f} s (is it online? agent-ctl status)")
     finally:
@@ -46,13 +65,20 @@ def device_request(args, command: str) -> tuple[str, dict]:
     """The device named by --device (or the config's) and its answer to ``command``."""
     cfg = ctl_config(args)
     device = args.device or cfg.device_id
-    return device, request(cfg, device, command, args.timeout)
+    key = getattr(args, "sign_key", None)
+    return device, request(cfg, device, command, args.timeout, Path(key) if key else None)
 
 
 def cmd_rollback(args) -> int:
     device, resp = device_request(args, "rollback")
     m = resp.get("model") or {}
     print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
+    return EXIT_OK
+
+
+def cmd_reload(args) -> int:
+    device, _ = device_request(args, "reload")
+    print(f"{device}: re-reading its configuration (its log says what applied)")
     return EXIT_OK
 
 
@@ -82,11 +108,14 @@ def cmd_snapshot(args) -> int:
 
 def add_parsers(sub) -> None:
     for name, func, helptext in (("rollback", cmd_rollback, "roll a device back to its previous model"),
+                                 ("reload", cmd_reload, "make a device re-read its configuration"),
                                  ("models", cmd_models, "models installed on a device (active marked *)"),
                                  ("snapshot", cmd_snapshot, "save the device's newest frame as a JPEG")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--device", help="device id (default: the config's device_id)")
         sp.add_argument("--timeout", type=SECONDS, default=30)
+        if name in STATE_CHANGING_COMMANDS:
+            sp.add_argument("--sign-key", help="Ed25519 private key: devices with trusted keys need it")
         if name == "models":
             sp.add_argument("--json", action="store_true")
         if name == "snapshot":

@@ -13,7 +13,7 @@ import paho.mqtt.client as paho
 
 from agent.camera import Capture, FrameSlot, make_source
 from agent.config import AgentConfig, ConfigError, load_config
-from agent.daemon.commands import Commands
+from agent.daemon.commands import Commands, SignedCommands
 from agent.daemon.health import HealthSampler, OutboxHealth
 from agent.daemon.status import device_status, snapshot
 from agent.daemon.systemd import Notifier
@@ -70,7 +70,7 @@ class Agent:
             "reload": self._reload_command,
             "status": lambda: CommandReply(True, result={"status": self.status_payload()}),
             "snapshot": lambda: CommandReply(True, result=snapshot(self.pipeline.last_frame)),
-        })
+        }, signed=SignedCommands(cfg.device_id, lambda: self.deployer.trusted))
         self.health = HealthSampler(state_dir=cfg.state_dir if cfg.state_dir.exists() else None)
         self._stop = threading.Event()
         self._reload = threading.Event()

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.deploy.manifest import ManifestRejected, check_signature
 from agent.messaging.payloads import CommandReply
+from agent.vocab import STATE_CHANGING_COMMANDS
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 64 * 1024
@@ -20,10 +25,14 @@ DEPLOYER_COMMANDS = ("rollback", "models")  # answered on the deployer's thread,
 RequestId = str | int | None
 
 
+MAX_SIGNED_AGE_S = 300  # a signed command is refused after its expires_at and never later than this
+
+
 @dataclass(frozen=True)
 class CommandRequest:
     command: str
     request_id: RequestId = None
+    body: dict = field(default_factory=dict)  # the whole request, for its signature
 
 
 class BadRequest(ValueError):
@@ -55,7 +64,41 @@ def parse_request(payload: bytes) -> CommandRequest:
         raise BadRequest(f"command must be a string: {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]}", rid)
     if command not in COMMANDS:
         raise BadRequest(f"unknown command {command[:40]!r}; expected one of: {', '.join(COMMANDS)}", rid)
-    return CommandRequest(command, rid)
+    return CommandRequest(command, rid, req)
+
+
+class SignedCommands:
+    """Which state-changing requests are authentic, fresh, for this device and not seen before."""
+
+    def __init__(self, device_id: str, trusted: Callable[[], list[Ed25519PublicKey]]):
+        self.device_id = device_id
+        self.trusted = trusted  # read on every request: a reload that adds keys applies at once
+        self._seen: dict[tuple[str, str], float] = {}  # (signature, request_id) -> until when it is kept
+
+    def check(self, req: CommandRequest, now: float | None = None) -> None:
+        """Nothing when no keys are trusted or the command changes nothing; BadRequest otherwise."""
+        keys = self.trusted()
+        if not keys or req.command not in STATE_CHANGING_COMMANDS:
+            return
+        now = time.time() if now is None else now
+        body = req.body
+        try:
+            check_signature(body, keys, what=req.command, how=f"agent-ctl {req.command} --sign-key FILE")
+        except ManifestRejected as exc:
+            raise BadRequest(str(exc), req.request_id) from None
+        if body.get("device") != self.device_id:
+            raise BadRequest(f"signed for device {str(body.get('device'))[:64]!r}, not {self.device_id!r}",
+                             req.request_id)
+        expires = body.get("expires_at")
+        if not isinstance(expires, int | float) or isinstance(expires, bool) or not now <= expires:
+            raise BadRequest("expired or without expires_at (agent-ctl signs commands for 60 s)", req.request_id)
+        if expires > now + MAX_SIGNED_AGE_S:
+            raise BadRequest(f"expires_at is more than {MAX_SIGNED_AGE_S} s ahead", req.request_id)
+        self._seen = {k: until for k, until in self._seen.items() if until >= now}
+        key = (str(body.get("signature")), str(req.request_id))
+        if key in self._seen:
+            raise BadRequest("this signed command was already run (a replay)", req.request_id)
+        self._seen[key] = float(expires)
 
 
 class Commands:
@@ -63,10 +106,11 @@ class Commands:
 
     def __init__(self, *, respond: Callable[[dict], None],
                  deployer_request: Callable[[str, Callable[[CommandReply], None]], None],
-                 handlers: dict[str, Callable[[], CommandReply]]):
+                 handlers: dict[str, Callable[[], CommandReply]], signed: SignedCommands | None = None):
         self.respond = respond
         self.deployer_request = deployer_request
         self.handlers = handlers
+        self.signed = signed
 
     def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if retain:
@@ -75,6 +119,8 @@ class Commands:
             return
         try:
             req = parse_request(payload)
+            if self.signed is not None:
+                self.signed.check(req)
         except BadRequest as exc:
             self.respond(CommandReply.failed(str(exc)).to_json(exc.request_id))
             return

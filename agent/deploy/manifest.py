@@ -185,14 +185,17 @@ def sign(raw: dict, key: Ed25519PrivateKey) -> str:
     return base64.b64encode(key.sign(canonical_bytes(raw))).decode()
 
 
-def check_signature(raw: dict, trusted: list[Ed25519PublicKey]) -> None:
-    """Nothing when no keys are trusted or one of them signed it; ManifestRejected otherwise."""
+def check_signature(raw: dict, trusted: list[Ed25519PublicKey], *, what: str = "deployment",
+                    how: str = "agent-ctl deploy --sign-key FILE") -> None:
+    """Nothing when no keys are trusted or one of them signed it; ManifestRejected otherwise.
+
+    ``raw`` is a manifest or a signed command (``what``, and ``how`` to sign one, word the refusal).
+    """
     if not trusted:
         return
     sig_text = raw.get("signature")
     if not sig_text:
-        raise ManifestRejected("unsigned deployment; this device only accepts manifests signed by a trusted key "
-                               "(agent-ctl deploy --sign-key FILE)")
+        raise ManifestRejected(f"unsigned {what}; this device only accepts one signed by a trusted key ({how})")
     try:
         sig = base64.b64decode(sig_text, validate=True)
     except (ValueError, TypeError):
