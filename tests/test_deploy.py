@@ -367,11 +367,24 @@ def test_deploy_with_bad_input_exits_2(tmp_path):
     assert r.returncode == 2 and "no task" in r.stderr
 
 
-def test_an_offline_device_times_out_with_exit_1_and_says_why(broker, tmp_path):
+def test_a_device_never_seen_fails_at_once_with_exit_1_and_cancel_clears_the_manifest(broker, recorder_factory,
+                                                                                      tmp_path):
     cfgfile = tmp_path / "ctl.yaml"
     cfgfile.write_text(f"device_id: nobody-home\nmqtt:\n  url: {broker.url}\n")
-    r = ctl(cfgfile, "deploy", str(MODELS / "blazeface.onnx"), "--timeout", "3", "--no-golden")
-    assert r.returncode == 1 and "no answer within 3 s" in r.stderr
+    t0 = time.monotonic()
+    r = ctl(cfgfile, "deploy", str(MODELS / "blazeface.onnx"), "--timeout", "300", "--no-golden")
+    assert r.returncode == 1 and "nobody-home: never seen on this broker" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 30  # not the 300 s of --timeout
+    for command in ("snapshot", "rollback"):
+        r = ctl(cfgfile, command, "--timeout", "30")
+        assert r.returncode == 1 and f"never seen on this broker (no retained status); check the device id: " \
+            f"it cannot answer {command}" in r.stderr, r.stderr
+    rec = recorder_factory(broker, "edge/nobody-home/deploy")
+    wait_until(lambda: rec.messages, 5, what="the retained manifest")
+    assert ctl(cfgfile, "cancel").returncode == 0
+    late = recorder_factory(broker, "edge/nobody-home/deploy")
+    time.sleep(1.0)
+    assert not late.messages  # nothing retained any more for a device that connects later
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -67,6 +68,33 @@ class MqttSession:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def last_status(session: MqttSession, prefix: str, device: str, wait: float = 1.0) -> dict | None:
+    """The device's retained status (its last word: online, or offline from its last will), None if it has
+    never connected to this broker."""
+    got: list[dict] = []
+    done = threading.Event()
+
+    def on_status(msg) -> None:
+        if (data := json_object(msg)) is not None:
+            got.append(data)
+            done.set()
+
+    session.subscribe(f"{prefix}/{device}/status", on_status)
+    done.wait(wait)
+    return got[-1] if got else None
+
+
+def absent(device: str, status: dict | None) -> str | None:
+    """Why ``device`` will not answer now (never seen, or offline), or None when it says it is online."""
+    if status is None:
+        return f"{device}: never seen on this broker (no retained status); check the device id"
+    if status.get("state") != "online":
+        ts = status.get("ts")
+        since = time.strftime(" since %Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if isinstance(ts, int | float) else ""
+        return f"{device}: offline{since}"
+    return None
 
 
 def json_object(msg: paho.MQTTMessage) -> dict | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from agent.ctl.args import SECONDS, number
-from agent.ctl.client import MqttSession, ctl_config, json_object
+from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status
 from agent.ctl.errors import EXIT_FAILED, EXIT_OK, UsageError
 from agent.deploy.golden import make_golden
 from agent.deploy.manifest import (
@@ -225,6 +225,12 @@ def cmd_deploy(args) -> int:
               f"{size_mb:.2f} MB, sha256 {raw['model']['sha256'][:12]}…) as {run.id} to "
               f"{'group ' + args.group if args.group else 'device ' + device}", file=sys.stderr)
         s.publish(run.manifest_topic, run.payload, qos=1, retain=True)
+        if device is not None and not args.no_wait and (why := absent(device, last_status(s, cfg.mqtt.prefix,
+                                                                                           device))):
+            # Nobody to wait for: say so now, not after --timeout
+            print(f"{why}; the manifest stays retained and is applied when it connects (agent-ctl cancel "
+                  "removes it)", file=sys.stderr)
+            return EXIT_FAILED
         if args.no_wait:
             if raw["source"]["type"] == "mqtt":
                 run.publish_chunks(run.manifest_topic)
@@ -278,6 +284,20 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
     return EXIT_FAILED
 
 
+def cmd_cancel(args) -> int:
+    """Clear the retained manifest (a device's or a group's): devices that connect later no longer take it."""
+    cfg = ctl_config(args)
+    topic = group_deploy(cfg.mqtt.prefix, args.group) if args.group else \
+        Topics(cfg.mqtt.prefix, args.device or cfg.device_id).deploy
+    s = MqttSession(cfg)
+    try:
+        s.publish(topic, b"", qos=1, retain=True)  # an empty retained message deletes the retained one
+    finally:
+        s.close()
+    print(f"cleared the retained manifest on {topic} (a deployment already running on a device goes on)")
+    return EXIT_OK
+
+
 def cmd_keygen(args) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -323,6 +343,12 @@ def add_parsers(sub) -> None:
                     default=DEFAULT_CHUNK_BYTES // 1024,
                     help="MQTT chunk size in KiB (default 96: fits AWS IoT Core's 128 KiB limit)")
     sp.set_defaults(func=cmd_deploy)
+
+    sp = sub.add_parser("cancel", help="clear the retained manifest of a device or group")
+    target = sp.add_mutually_exclusive_group()
+    target.add_argument("--device", help="device id (default: the config's device_id)")
+    target.add_argument("--group", help="a fleet group")
+    sp.set_defaults(func=cmd_cancel)
 
     sp = sub.add_parser("keygen", help="write an Ed25519 key pair for signing deployments")
     sp.add_argument("--out", default="edge-agent-signing", help="file prefix: PREFIX.key and PREFIX.pub")

@@ -12,7 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from agent.ctl.args import SECONDS
-from agent.ctl.client import MqttSession, ctl_config, json_object
+from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status
 from agent.ctl.errors import EXIT_OK, CtlError, UsageError
 from agent.deploy.manifest import key_id, load_private_key, sign
 from agent.messaging.topics import Topics
@@ -50,6 +50,8 @@ def request(cfg, device: str, command: str, timeout: float, sign_key: Path | Non
 
     s = MqttSession(cfg)
     try:
+        if why := absent(device, last_status(s, cfg.mqtt.prefix, device)):
+            raise CtlError(f"{why}: it cannot answer {command}")
         s.subscribe(topics.cmd_response, on_resp)
         s.publish(topics.cmd, json.dumps(body).encode(), qos=1)
         if not done.wait(timeout):
