@@ -645,3 +645,18 @@ def test_with_trusted_keys_a_rollback_must_be_signed_fresh_for_this_device_and_o
     rec.client.publish(f"edge/{dev}/cmd", json.dumps(signed).encode(), qos=1).wait_for_publish(5)  # a replay
     replies = rec.wait_json("/cmd/response", lambda m: m.get("request_id") == signed["request_id"], count=2)
     assert replies[-1]["ok"] is False and "already run (a replay)" in replies[-1]["error"]
+
+
+def test_rollback_to_a_named_stored_version(device, tmp_path):
+    cfg, agent, rec = device(deploy={"probation_s": 0})
+    for version in ("2.0.0", "3.0.0"):
+        model = copy_model(MODELS / "blazeface.tflite", tmp_path / version, "m.tflite")
+        model.write_bytes(model.read_bytes() + version.encode())  # after the flatbuffer: other bytes, same model
+        assert ctl(agent.config_path, "deploy", str(model), "--version", version, "--no-golden",
+                   "--timeout", "60").returncode == 0
+    r = ctl(agent.config_path, "rollback", "--to", "9.9.9")
+    assert r.returncode == 1 and "no stored version '9.9.9' to roll back to (stored: 2.0.0, 1.0.0)" in r.stderr, r.stderr
+    r = ctl(agent.config_path, "rollback", "--to", "1.0.0")
+    assert r.returncode == 0 and "rolled back to blazeface-short-range 1.0.0" in r.stdout, r.stderr
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "1.0.0" and p["seq"] > 0, count=3)
+    assert "* blazeface-short-range 1.0.0" in ctl(agent.config_path, "models").stdout

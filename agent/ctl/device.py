@@ -21,7 +21,7 @@ from agent.vocab import STATE_CHANGING_COMMANDS
 SIGNED_FOR_S = 60  # a signed command is good for this long, and for one device, once
 
 
-def signed_body(command: str, rid: str, device: str, key_path: Path) -> dict:
+def signed_body(command: str, rid: str, device: str, key_path: Path, extra: dict | None = None) -> dict:
     """A state-changing request signed like a manifest: for ``device``, expiring in SIGNED_FOR_S."""
     try:
         key = load_private_key(key_path)
@@ -29,16 +29,18 @@ def signed_body(command: str, rid: str, device: str, key_path: Path) -> dict:
         raise UsageError(f"--sign-key {key_path}: {getattr(exc, 'strerror', None) or exc}") from None
     now = time.time()
     body = {"command": command, "request_id": rid, "device": device, "issued_at": now,
-            "expires_at": now + SIGNED_FOR_S, "key_id": key_id(key.public_key())}
+            "expires_at": now + SIGNED_FOR_S, "key_id": key_id(key.public_key()), **(extra or {})}
     body["signature"] = sign(body, key)
     return body
 
 
-def request(cfg, device: str, command: str, timeout: float, sign_key: Path | None = None) -> dict:
-    """Send one cmd to a device (signed with ``sign_key`` when given) and wait for its response."""
+def request(cfg, device: str, command: str, timeout: float, sign_key: Path | None = None,
+            extra: dict | None = None) -> dict:
+    """Send one cmd (with ``extra`` fields; signed with ``sign_key`` when given) and wait for the response."""
     topics = Topics(cfg.mqtt.prefix, device)
     rid = uuid.uuid4().hex
-    body = signed_body(command, rid, device, sign_key) if sign_key else {"command": command, "request_id": rid}
+    body = signed_body(command, rid, device, sign_key, extra) if sign_key else \
+        {"command": command, "request_id": rid, **(extra or {})}
     got: dict = {}
     done = threading.Event()
 
@@ -63,16 +65,16 @@ def request(cfg, device: str, command: str, timeout: float, sign_key: Path | Non
     return got
 
 
-def device_request(args, command: str) -> tuple[str, dict]:
+def device_request(args, command: str, extra: dict | None = None) -> tuple[str, dict]:
     """The device named by --device (or the config's) and its answer to ``command``."""
     cfg = ctl_config(args)
     device = args.device or cfg.device_id
     key = getattr(args, "sign_key", None)
-    return device, request(cfg, device, command, args.timeout, Path(key) if key else None)
+    return device, request(cfg, device, command, args.timeout, Path(key) if key else None, extra)
 
 
 def cmd_rollback(args) -> int:
-    device, resp = device_request(args, "rollback")
+    device, resp = device_request(args, "rollback", {"to": args.to} if args.to else None)
     m = resp.get("model") or {}
     print(f"{device}: rolled back to {m.get('name')} {m.get('version')} ({str(m.get('sha256'))[:12]}…)")
     return EXIT_OK
@@ -116,6 +118,9 @@ def add_parsers(sub) -> None:
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--device", help="device id (default: the config's device_id)")
         sp.add_argument("--timeout", type=SECONDS, default=30)
+        if name == "rollback":
+            sp.add_argument("--to", metavar="VERSION", help="a stored version (agent-ctl models lists them); "
+                            "default: the previous one")
         if name in STATE_CHANGING_COMMANDS:
             sp.add_argument("--sign-key", help="Ed25519 private key: devices with trusted keys need it")
         if name == "models":

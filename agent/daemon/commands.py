@@ -105,7 +105,7 @@ class Commands:
     """Answers requests: the deployer's through ``deployer_request``, the rest through ``handlers``."""
 
     def __init__(self, *, respond: Callable[[dict], None],
-                 deployer_request: Callable[[str, Callable[[CommandReply], None]], None],
+                 deployer_request: Callable[[str, Callable[[CommandReply], None], dict], None],
                  handlers: dict[str, Callable[[], CommandReply]], signed: SignedCommands | None = None):
         self.respond = respond
         self.deployer_request = deployer_request
@@ -125,7 +125,7 @@ class Commands:
             self.respond(CommandReply.failed(str(exc)).to_json(exc.request_id))
             return
         if req.command in DEPLOYER_COMMANDS:
-            self.deployer_request(req.command, lambda reply: self.respond(reply.to_json(req.request_id)))
+            self.deployer_request(req.command, lambda reply: self.respond(reply.to_json(req.request_id)), req.body)
             return
         try:
             reply = self.handlers[req.command]()

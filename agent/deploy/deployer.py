@@ -160,9 +160,9 @@ class Deployer:
             return False
         return (m.created or 0.0) > (downloading.created or 0.0) or downloading.created is None
 
-    def request(self, command: str, reply: Callable[[CommandReply], None]) -> None:
+    def request(self, command: str, reply: Callable[[CommandReply], None], args: dict | None = None) -> None:
         """A cmd-topic request handled on the deployer thread, in order with deployments."""
-        self._enqueue(CommandJob(command, reply))
+        self._enqueue(CommandJob(command, reply, args or {}))
 
     def _enqueue(self, job: Job) -> None:
         size = len(job.payload) if isinstance(job, ManifestJob) else 0
@@ -211,7 +211,7 @@ class Deployer:
                 elif isinstance(job, ManifestJob):
                     self._handle_manifest(job.topic, job.payload)
                 elif isinstance(job, CommandJob):
-                    job.reply(self._handle_command(job.command))
+                    job.reply(self._handle_command(job.command, job.args))
                 self._check_probation()
             except Exception:  # noqa: BLE001 - the deployer must outlive any single bad job
                 log.exception("deployer: unexpected error")
@@ -337,11 +337,19 @@ class Deployer:
         if p is not None:
             p.previous.close()
 
-    def _rollback(self, deployment_id: str | None, reason: str) -> StoredModel:
+    def _rollback(self, deployment_id: str | None, reason: str, to: str | None = None) -> StoredModel:
+        """Back to the previous version, or to the stored version ``to``."""
         p = self._probation
-        target = self.store.previous()
-        if target is None:
-            raise RuntimeError("no previous version to roll back to")
+        if to is None:
+            target = self.store.previous()
+            if target is None:
+                raise RuntimeError("no previous version to roll back to")
+        else:
+            stored = [m for m, active in self.store.list() if not active]
+            target = next((m for m in stored if m.version == to), None)
+            if target is None:
+                have = ", ".join(dict.fromkeys(m.version for m in stored)) or "none"
+                raise RuntimeError(f"no stored version {to[:64]!r} to roll back to (stored: {have})")
         if p is not None and p.previous.info.sha256 == target.sha256:
             previous = p.previous  # still loaded: the swap back is instant
             self._probation = None
@@ -350,15 +358,21 @@ class Deployer:
             previous = self._load(target.path)
         old = self.activate_model(previous)
         old.close()
-        self.store.rollback()
+        if to is None:
+            self.store.rollback()
+        else:
+            self.store.activate(target.sha256)
         self._report(DeployEvent(deployment_id, "rolled_back", error=reason, model=_ref(target)))
         return target
 
-    def _handle_command(self, command: str) -> CommandReply:
+    def _handle_command(self, command: str, args: dict) -> CommandReply:
         if command == "rollback":
+            to = args.get("to")
+            if to is not None and not isinstance(to, str):
+                return CommandReply.failed("to must be a version (text)")
             try:
                 did = self._probation.deployment_id if self._probation else self.last_deployment
-                target = self._rollback(did, "rolled back by command")
+                target = self._rollback(did, "rolled back by command", to)
             except (RuntimeError, OSError) as exc:
                 return CommandReply.failed(str(exc))
             return CommandReply(True, result={"model": _ref(target).to_json()})

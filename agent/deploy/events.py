@@ -72,7 +72,8 @@ class CommandJob:
     """A cmd-topic request the deployer answers in order with deployments (rollback, models)."""
 
     command: str
-    reply: Callable[[dict], None]
+    reply: Callable[[Any], None]
+    args: dict[str, Any] = field(default_factory=dict)  # e.g. rollback's "to": a version
 
 
 Job = ManifestJob | CommandJob
