@@ -127,7 +127,8 @@ class DurableSender:
                 last = now
                 if tokens < 1:  # a backlog goes out at `rate`, so a thin uplink is not swamped
                     self._stop.wait((1 - tokens) / self.rate)
-                    tokens = 1.0
+                    # the wait earned exactly this token: counting it again from `last` doubled the rate
+                    tokens, last = 1.0, time.monotonic()
                 if not self.link.connected or self._stop.is_set():
                     break
                 if not self.link.fits(msg.topic, msg.payload):  # it would break the link on every try
