@@ -12,25 +12,52 @@ from pathlib import Path
 from agent.vocab import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
-
+UNVERIFIED_PREFIX = "payload-"  # rejections of what could not be verified are kept by their bytes' hash
+KEEP_UNVERIFIED = 1000  # ... the newest this many: a flood of junk must not grow the journal for ever
+COMPACT_AFTER_LINES = 5000  # lines appended since the last compaction that make the next one
 
 
 class Journal:
-    """Append-only JSON lines: {"deployment_id", "state", "ts", "reason"}; the last line per id wins."""
+    """Append-only JSON lines: {"deployment_id", "state", "ts", "reason"}; the last line per id wins.
+
+    Compacted (one line per id, the oldest unverified rejections dropped) when it opens with many more
+    lines than ids, and after every COMPACT_AFTER_LINES appends; a deployment's own id is never dropped.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
         self._state: dict[str, dict] = {}
+        self._appended = 0
         path.parent.mkdir(parents=True, exist_ok=True)
+        lines = 0
         if path.exists():
             for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                lines = n
                 try:
                     entry = json.loads(line)
                     self._state[str(entry["deployment_id"])] = entry
                 except (ValueError, KeyError, TypeError):
                     # A torn last line after a power cut: skip it, keep the rest.
                     log.warning("journal %s: skipping unreadable line %d", path, n)
+        unverified = sum(k.startswith(UNVERIFIED_PREFIX) for k in self._state)
+        if lines > 2 * len(self._state) + 100 or unverified > KEEP_UNVERIFIED:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the file with one line per id (atomically), keeping KEEP_UNVERIFIED unverified ones."""
+        unverified = sorted((e for k, e in self._state.items() if k.startswith(UNVERIFIED_PREFIX)),
+                            key=lambda e: e.get("ts", 0))
+        for old in unverified[:-KEEP_UNVERIFIED] if len(unverified) > KEEP_UNVERIFIED else []:
+            del self._state[str(old["deployment_id"])]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for entry in sorted(self._state.values(), key=lambda e: e.get("ts", 0)):
+                f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._appended = 0
 
     def state(self, deployment_id: str) -> str | None:
         entry = self._state.get(deployment_id)
@@ -51,6 +78,9 @@ class Journal:
                 f.flush()
                 if state in TERMINAL_STATES:
                     os.fsync(f.fileno())
+            self._appended += 1
+            if self._appended >= COMPACT_AFTER_LINES:
+                self._compact()
 
     def latest(self, n: int = 20) -> list[dict]:
         return sorted(self._state.values(), key=lambda e: e["ts"])[-n:]
