@@ -133,6 +133,8 @@ class DeployConfig(_Section):
     trusted_keys: list[str] = Field(default_factory=list, description="Ed25519 public keys (base64, PEM or a file)")
     max_model_mb: float = Field(200.0, gt=0)
     probation_s: float = Field(60.0, ge=0, description="roll back a new model that misbehaves within this time")
+    probation_min_frames: int = Field(10, ge=0, description="fewer frames served in probation is a failure")
+    probation_latency_factor: float = Field(3.0, ge=1, description="inference p95 allowed, times the last model's")
     validate_timeout_s: float = Field(60.0, gt=0)
     download_timeout_s: float = Field(600.0, gt=0, description="the whole download, MQTT chunks or URL")
     allow_file_urls: bool = Field(False, description="accept file:// sources (a path on this device)")

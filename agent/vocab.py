@@ -11,10 +11,12 @@ import re
 from typing import Literal, get_args
 
 # -- deployments --------------------------------------------------------------------------------
-DeployState = Literal["received", "downloading", "verifying", "validating", "activating", "active",
+DeployState = Literal["received", "downloading", "verifying", "validating", "activating", "active", "committed",
                       "rejected", "failed", "rolled_back"]
-# An outcome: the deployment is over, and its id is never applied again.
-TERMINAL_STATES: frozenset[str] = frozenset({"active", "rejected", "failed", "rolled_back"})
+# An outcome: the deployment is over (committed: it passed probation).
+TERMINAL_STATES: frozenset[str] = frozenset({"committed", "rejected", "failed", "rolled_back"})
+# Never applied again: an outcome, or active (serving, in probation; a restart resumes the probation).
+APPLIED_STATES: frozenset[str] = TERMINAL_STATES | {"active"}
 # Outcomes that are failures (logged as warnings, reported by agent-ctl with the reason).
 FAILED_STATES: frozenset[str] = frozenset({"rejected", "failed", "rolled_back"})
 

@@ -132,7 +132,7 @@ def main() -> None:
         d0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(cfg), "deploy",
                             str(ROOT / "models/face/blazeface.tflite"), "--group", GROUP, "--version", "2.0.0",
-                            "--timeout", str(args.timeout)], cwd=ROOT, capture_output=True, text=True)
+                            "--timeout", str(args.timeout), "--no-probation-wait"], cwd=ROOT, capture_output=True, text=True)
         took = time.monotonic() - d0
         time.sleep(1.5)  # let $SYS catch up
         r1, s1, m1 = (sys_counters.get("$SYS/broker/messages/received", 0),

@@ -17,6 +17,7 @@ from conftest import MODELS, REPO, agent_config, wait_until
 from deploy_helpers import (
     copy_model,
     ctl,
+    hang_on_bright_onnx,
     manifest_for,
     padded_onnx,
     publish_chunks,
@@ -224,7 +225,8 @@ def test_a_model_much_slower_than_the_last_fails_probation_and_is_rolled_back(de
     cfg, agent, rec = device(deploy={"probation_s": 20, "validate_timeout_s": 30})
     slow = slow_onnx(tmp_path / "slow")
     r = ctl(agent.config_path, "deploy", str(slow), "--version", "2.0.0-slow", "--timeout", "60")
-    assert r.returncode == 0, r.stderr  # it passes validation: its outputs are right
+    # it passes validation (its outputs are right), goes active, fails probation: deploy waits and says so
+    assert r.returncode == 1 and "rolled_back: inference p95" in r.stderr, r.stderr
     ev = rec.wait_json("/events", lambda e: e["state"] == "rolled_back", timeout=40)[0]
     assert "over 3x the previous model" in ev["error"]
     rec.wait_json("/status", lambda s: s["model"]["version"] == "1.0.0" and s["state"] == "online")
@@ -234,7 +236,9 @@ def test_a_model_much_slower_than_the_last_fails_probation_and_is_rolled_back(de
 
 def test_a_device_that_connects_later_picks_up_the_retained_manifest(broker, recorder_factory, agent_factory, tmp_path):
     cfg = agent_config(broker, tmp_path, deploy={"probation_s": 1})
-    agent = agent_factory(cfg)
+    agent = agent_factory(cfg).start()  # known to the broker (a device never seen is refused at once)
+    recorder_factory(broker, f"edge/{cfg['device_id']}/status").wait_json("/status", lambda s: s["state"] == "online")
+    agent.stop()
     model = copy_model(MODELS / "blazeface.onnx", tmp_path / "late", "m.onnx")
     deploying = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--config", str(agent.config_path), "deploy",
                                   str(model), "--version", "2.0.0", "--timeout", "90"],
@@ -269,7 +273,7 @@ def test_group_deployment_reaches_every_member(broker, recorder_factory, agent_f
     model = copy_model(MODELS / "blazeface.onnx", tmp_path / "g", "m.onnx")
     r = ctl(agents[0].config_path, "deploy", str(model), "--group", "lobby", "--version", "2.0.0", "--timeout", "90")
     assert r.returncode == 0, r.stderr
-    assert "active on 3 device(s)" in r.stderr
+    assert "committed on 3 device(s)" in r.stderr
     latest = {}
     for s in rec.json("/status"):
         latest[s["device_id"]] = s
@@ -412,7 +416,7 @@ def test_a_device_and_group_whose_names_contain_deploy_still_take_deployments(de
     assert r.returncode == 0, r.stderr
     r = ctl(agent.config_path, "deploy", str(model), "--group", "deploy-lobby", "--version", "3.0.0",
             "--timeout", "60")
-    assert r.returncode == 0 and "active on 1 device(s)" in r.stderr, r.stderr
+    assert r.returncode == 0 and "committed on 1 device(s)" in r.stderr, r.stderr
     rec.wait_json("/predictions", lambda p: p["model"]["version"] == "3.0.0", count=3)
 
 
@@ -660,3 +664,31 @@ def test_rollback_to_a_named_stored_version(device, tmp_path):
     assert r.returncode == 0 and "rolled back to blazeface-short-range 1.0.0" in r.stdout, r.stderr
     rec.wait_json("/predictions", lambda p: p["model"]["version"] == "1.0.0" and p["seq"] > 0, count=3)
     assert "* blazeface-short-range 1.0.0" in ctl(agent.config_path, "models").stdout
+
+
+def test_a_model_that_hangs_on_real_frames_fails_probation_even_across_a_kill_9(device, tmp_path):
+    cfg, agent, rec = device(deploy={"probation_s": 3})
+    hang = hang_on_bright_onnx(tmp_path / "hang")  # answers on the zeros of validation and warm-up
+    r = ctl(agent.config_path, "deploy", str(hang), "--version", "2.0.0-hang", "--no-golden", "--no-probation-wait",
+            "--timeout", "60")
+    assert r.returncode == 0 and "active on 1 device(s)" in r.stderr, r.stderr
+    agent.signal(signal.SIGKILL)  # in probation: once that skipped it for good
+    agent.wait(10)
+    agent.start()  # the stored model is the hanging one: its probation resumes and it serves no frame
+    ev = rec.wait_json("/events", lambda e: e["state"] == "rolled_back", timeout=60)[-1]
+    assert "only 0 frame(s) served" in ev["error"] and ev["model"]["version"] == "1.0.0", ev
+    assert agent.stop() is not None  # its frame loop is stuck in the runtime for good: a restart clears it
+    agent.start()
+    rec.wait_json("/predictions", lambda p: p["model"]["version"] == "1.0.0" and p["seq"] > 3, timeout=30)
+
+
+def test_a_heavier_model_on_purpose_passes_with_its_own_probation_terms(device, tmp_path):
+    cfg, agent, rec = device(deploy={"probation_s": 20, "validate_timeout_s": 30})
+    slow = slow_onnx(tmp_path / "slow")  # many times slower: rolled back under the default terms (test above)
+    t0 = time.monotonic()
+    r = ctl(agent.config_path, "deploy", str(slow), "--version", "2.0.0-slow", "--timeout", "60",
+            "--probation-s", "3", "--latency-allowance", "1000")
+    assert r.returncode == 0 and "committed on 1 device(s)" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 20  # its own 3 s of probation, not the device's 20
+    ev = rec.wait_json("/events", lambda e: e["state"] == "committed")[-1]
+    assert ev["model"]["version"] == "2.0.0-slow" and "passed probation" in ev["note"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from agent.ctl.args import SECONDS, number
+from agent.ctl.args import SECONDS, SECONDS_OR_ZERO, number
 from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status
 from agent.ctl.errors import EXIT_FAILED, EXIT_OK, UsageError
 from agent.deploy.golden import make_golden
@@ -96,6 +96,10 @@ def build_manifest(args, model_path: Path, target: dict | None = None) -> tuple[
                  "expires_at": now + getattr(args, "expires_in", DEFAULT_EXPIRES_S), "counter": int(now * 1000)}
     if target is not None:
         raw["target"] = target
+    asked = {k: v for k, v in (("seconds", getattr(args, "probation_s", None)),
+                               ("latency_factor", getattr(args, "latency_allowance", None))) if v is not None}
+    if asked:
+        raw["probation"] = asked
     if not args.no_golden:
         try:
             raw["golden"] = make_golden(model_path, task).model_dump()
@@ -225,23 +229,27 @@ def cmd_deploy(args) -> int:
               f"{size_mb:.2f} MB, sha256 {raw['model']['sha256'][:12]}…) as {run.id} to "
               f"{'group ' + args.group if args.group else 'device ' + device}", file=sys.stderr)
         s.publish(run.manifest_topic, run.payload, qos=1, retain=True)
-        if device is not None and not args.no_wait and (why := absent(device, last_status(s, cfg.mqtt.prefix,
-                                                                                           device))):
-            # Nobody to wait for: say so now, not after --timeout
-            print(f"{why}; the manifest stays retained and is applied when it connects (agent-ctl cancel "
-                  "removes it)", file=sys.stderr)
+        status = last_status(s, cfg.mqtt.prefix, device) if device is not None and not args.no_wait else {}
+        if status is None:  # never connected to this broker: nobody to wait for, so say so now
+            print(f"{absent(device, None)}; the manifest stays retained and is applied if it connects "
+                  "(agent-ctl cancel removes it)", file=sys.stderr)
             return EXIT_FAILED
+        if device is not None and (why := absent(device, status)):  # seen before: it may well come back
+            print(f"{why}; waiting up to {args.timeout:.0f} s for it to connect and take the retained manifest",
+                  file=sys.stderr)
         if args.no_wait:
             if raw["source"]["type"] == "mqtt":
                 run.publish_chunks(run.manifest_topic)
             print(f"published {run.id}; not waiting (agent-ctl status shows the result)", file=sys.stderr)
             return EXIT_OK
-        return _follow(run, args.timeout, args.group)
+        return _follow(run, args.timeout, args.group, done="active" if args.no_probation_wait else "committed")
     finally:
         s.close()
 
 
-def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
+def _follow(run: DeployRun, timeout: float, group: str | None, done: str = "committed") -> int:
+    """Show each target's progress until every one is ``done`` (committed: passed probation) or failed."""
+    over = TERMINAL_STATES | {done}
     deadline = time.monotonic() + timeout
     shown: dict[str, tuple[str, int]] = {}
     t0 = time.monotonic()
@@ -258,7 +266,7 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
                 detail = f" [{_bar(t.progress)}] {t.progress:4.0%}" if t.state == "downloading" else ""
                 err = f": {t.error}" if t.error else ""
                 print(f"{'' if not tty else chr(13)}{dev:<20} {t.state:<11}{detail}{err}", file=sys.stderr)
-        if targets and all(t.state in TERMINAL_STATES for t in targets.values()):
+        if targets and all(t.state in over for t in targets.values()):
             if group and time.monotonic() - t0 < 2.0:
                 continue  # let late-reporting group members show up
             break
@@ -268,14 +276,17 @@ def _follow(run: DeployRun, timeout: float, group: str | None) -> int:
         print(f"no device in group {group!r} answered within {timeout:.0f} s; the manifest stays retained "
               "for devices that connect later", file=sys.stderr)
         return EXIT_FAILED
-    bad = {d: t for d, t in targets.items() if t.state != "active"}
+    bad = {d: t for d, t in targets.items() if t.state not in (done, "committed")}
     took = time.monotonic() - t0
     if not bad:
-        print(f"active on {len(targets)} device(s) in {took:.1f} s", file=sys.stderr)
+        print(f"{done} on {len(targets)} device(s) in {took:.1f} s", file=sys.stderr)
         return EXIT_OK
     for dev, t in sorted(bad.items()):
         if t.state in TERMINAL_STATES:
             print(f"{dev}: {t.state}: {t.error or 'no reason given'}", file=sys.stderr)
+        elif t.state == "active":
+            print(f"{dev}: active, still in probation after {timeout:.0f} s (--timeout longer than the probation, "
+                  "or --no-probation-wait)", file=sys.stderr)
         elif t.state == "waiting":
             print(f"{dev}: no answer within {timeout:.0f} s (offline? the manifest stays retained and is applied "
                   "when it connects)", file=sys.stderr)
@@ -336,6 +347,12 @@ def add_parsers(sub) -> None:
     sp.add_argument("--sign-key", help="Ed25519 private key (from agent-ctl keygen) to sign the manifest")
     sp.add_argument("--timeout", type=SECONDS, default=300, help="seconds to wait for every target (default 300)")
     sp.add_argument("--no-wait", action="store_true", help="publish and exit")
+    sp.add_argument("--no-probation-wait", action="store_true",
+                    help="exit 0 at active, without waiting for probation to pass (committed)")
+    sp.add_argument("--probation-s", type=SECONDS_OR_ZERO, metavar="SECONDS",
+                    help="probation on the device for this deployment (default: its deploy.probation_s)")
+    sp.add_argument("--latency-allowance", type=number(float, low=1), metavar="FACTOR",
+                    help="inference p95 allowed in probation, times the previous model's (default 3: its config)")
     sp.add_argument("--expires-in", type=SECONDS, default=DEFAULT_EXPIRES_S, metavar="SECONDS",
                     help="devices refuse the manifest after this long (default 7 days)")
     sp.add_argument("--no-golden", action="store_true", help="skip the golden-output check")

@@ -29,10 +29,11 @@ from agent.deploy.manifest import (
     DeploymentManifest,
     ManifestRejected,
     check_signature,
+    claimed_id,
     load_public_key,
     parse_manifest,
 )
-from agent.deploy.release import Arrival, ReleaseCounter, check_release
+from agent.deploy.release import Arrival, ReleaseCounter, check_release, supersedes
 from agent.deploy.store import ModelStore, StoredModel
 from agent.deploy.transfer import ChunkReceiver, TransferError
 from agent.deploy.validate import BACKGROUND_NICE, ValidationFailed
@@ -41,9 +42,10 @@ from agent.messaging.payloads import CommandReply
 from agent.messaging.topics import Topics, chunk_filter, parse_deploy_topic
 from agent.support.stats import percentile
 from agent.support.threads import name_this_thread, nice_this_thread
-from agent.vocab import FAILED_STATES, is_safe_id
+from agent.vocab import FAILED_STATES
 
 log = logging.getLogger(__name__)
+FRAME_LOOP_STUCK_S = 5.0  # after a rollback's swap, a frame loop silent this long is not serving
 QUEUE_MAX_BYTES = 8 * 2**20  # what waiting jobs may hold: 1000 manifests at the 256 KiB limit would be 256 MB
 
 
@@ -66,7 +68,7 @@ class Deployer:
         self.release = ReleaseCounter(state_dir / "release.json")
         self.staging = state_dir / "staging"
         self.trusted = [load_public_key(k) for k in cfg.deploy.trusted_keys]
-        self.probation_s = cfg.deploy.probation_s
+        self.probation_record = probation.ProbationRecord(state_dir / "probation.json")
         self.deploy_topics = (topics.deploy, *(topics.group_deploy(g) for g in cfg.groups))
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1000)  # None: stop
         self._queued_bytes = 0  # payload bytes of the manifests waiting in _jobs
@@ -96,12 +98,17 @@ class Deployer:
         ValueError for a key that does not load; nothing changes then.
         """
         trusted = [load_public_key(k) for k in deploy.trusted_keys]
-        self.trusted, self.probation_s = trusted, deploy.probation_s
+        self.trusted = trusted
         self.store.keep = deploy.keep_versions
         self.cfg.deploy = deploy
         log.info("deploy settings applied (%d trusted key(s))", len(trusted))
 
     def start(self) -> None:
+        active = self.store.active()  # a probation that a restart (or kill -9) interrupted goes on
+        self._probation = self.probation_record.resume(active.sha256 if active else None, self.stats.processed,
+                                                       self.stats.errors)
+        if self._probation is not None:
+            log.info("deployment %s: probation resumed after a restart", self._probation.deployment_id)
         self._loader.submit(lambda: None).result()  # its thread starts now, from this (un-niced) thread
         self._thread.start()
 
@@ -146,9 +153,7 @@ class Deployer:
         return raw, m
 
     def _supersedes(self, topic: str, payload: bytes) -> bool:
-        """Whether this manifest replaces the one downloading now: valid, signed as required, not finished,
-        and made later. Nothing unverified may abort a verified deployment, and a stale retained
-        manifest re-delivered after a broker restart (a group's older one) does not either."""
+        """Whether this manifest replaces the one downloading now (see release.supersedes), once verified."""
         downloading = self._downloading
         if downloading is None:
             return False
@@ -156,9 +161,7 @@ class Deployer:
             raw, m = self._verified(topic, payload)
         except ManifestRejected:
             return False
-        if m.deployment_id == downloading.deployment_id or self.journal.finished(m.deployment_id):
-            return False
-        return (m.created or 0.0) > (downloading.created or 0.0) or downloading.created is None
+        return supersedes(m, downloading, finished=self.journal.finished)
 
     def request(self, command: str, reply: Callable[[CommandReply], None], args: dict | None = None) -> None:
         """A cmd-topic request handled on the deployer thread, in order with deployments."""
@@ -235,7 +238,7 @@ class Deployer:
             digest = hashlib.sha256(payload).hexdigest()[:16]
             key = "payload-" + digest
             if not self.journal.finished(key):
-                self._report(DeployEvent(_raw_id(payload), "rejected", error=str(exc), manifest_sha256=digest),
+                self._report(DeployEvent(claimed_id(payload), "rejected", error=str(exc), manifest_sha256=digest),
                              record=False)
                 self.journal.record(key, "rejected", str(exc))
             return
@@ -292,7 +295,7 @@ class Deployer:
                          accelerator=self.cfg.runtime.accelerator, timeout=self.cfg.deploy.validate_timeout_s)
         self._report(DeployEvent(did, "activating"))
         staging.install_baseline(self.store, self.current_model().info, self.staging)
-        self._activate(did, staging.install(self.store, staged, m, raw, staged_is_installed=installed is not None))
+        self._activate(m, staging.install(self.store, staged, m, raw, staged_is_installed=installed is not None))
 
     def _download(self, m: DeploymentManifest) -> Path:
         self._downloading = m
@@ -304,7 +307,8 @@ class Deployer:
         finally:
             self._downloading = None
 
-    def _activate(self, did: str, stored: StoredModel) -> None:
+    def _activate(self, m: DeploymentManifest, stored: StoredModel) -> None:
+        did, terms = m.deployment_id, probation.terms_for(m.probation, self.cfg.deploy, self.cfg.camera.fps)
         new = self._load(stored.path)  # loaded and warmed while the old model keeps serving
         baseline = percentile(self.stats.inference_ms, 95)
         errors_before = self.stats.errors
@@ -312,9 +316,13 @@ class Deployer:
         old = self.activate_model(new)
         self.store.activate(stored.sha256)
         self._end_probation()
-        self._probation = probation.Probation(did, time.monotonic() + self.probation_s, old, baseline,
-                                              processed_before, errors_before)
-        self._report(DeployEvent(did, "active", progress=1.0, model=_ref(stored)))
+        self._probation = probation.Probation(did, stored.sha256, time.monotonic() + terms.seconds, terms, old,
+                                              baseline, processed_before, errors_before)
+        self.probation_record.save(self._probation)
+        self._report(DeployEvent(did, "active", progress=1.0, model=ModelRef.of(stored)))
+        if terms.seconds == 0:  # no probation asked for: committed as it goes active
+            self._end_probation()
+            self._report(DeployEvent(did, "committed", model=ModelRef.of(stored), note="no probation"))
 
     # -- probation and rollback ---------------------------------------------------------------------
     def _check_probation(self) -> None:
@@ -322,19 +330,21 @@ class Deployer:
         if p is None:
             return
         stats = self.stats
-        reason = probation.verdict(p, processed=stats.processed, errors=stats.errors,
-                                   inference_ms=list(stats.inference_ms), last_error=stats.last_error)
-        if reason:
-            self._rollback(p.deployment_id, reason)
-        elif time.monotonic() >= p.until:
-            log.info("deployment %s passed probation (%d frames, %d errors)", p.deployment_id,
-                     stats.processed - p.processed_at_swap, stats.errors - p.errors_at_swap)
+        v = probation.verdict(p, processed=stats.processed, errors=stats.errors, inference_ms=list(stats.inference_ms),
+                              last_error=stats.last_error, now=time.monotonic())
+        if v.kind == "roll_back":
+            self._rollback(p.deployment_id, v.reason)
+        elif v.kind == "commit":
             self._end_probation()
+            stored = self.store.get(p.sha256)
+            self._report(DeployEvent(p.deployment_id, "committed", model=ModelRef.of(stored) if stored else None,
+                                     note=f"passed probation ({v.reason})"))
 
     def _end_probation(self) -> None:
         """Probation is over (passed, or a newer model came): the model it kept for a swap back is closed."""
         p, self._probation = self._probation, None
-        if p is not None:
+        self.probation_record.clear()
+        if p is not None and p.previous is not None:
             p.previous.close()
 
     def _rollback(self, deployment_id: str | None, reason: str, to: str | None = None) -> StoredModel:
@@ -350,7 +360,7 @@ class Deployer:
             if target is None:
                 have = ", ".join(dict.fromkeys(m.version for m in stored)) or "none"
                 raise RuntimeError(f"no stored version {to[:64]!r} to roll back to (stored: {have})")
-        if p is not None and p.previous.info.sha256 == target.sha256:
+        if p is not None and p.previous is not None and p.previous.info.sha256 == target.sha256:
             previous = p.previous  # still loaded: the swap back is instant
             self._probation = None
         else:
@@ -362,7 +372,7 @@ class Deployer:
             self.store.rollback()
         else:
             self.store.activate(target.sha256)
-        self._report(DeployEvent(deployment_id, "rolled_back", error=reason, model=_ref(target)))
+        self._report(DeployEvent(deployment_id, "rolled_back", error=reason, model=ModelRef.of(target)))
         return target
 
     def _handle_command(self, command: str, args: dict) -> CommandReply:
@@ -375,7 +385,11 @@ class Deployer:
                 target = self._rollback(did, "rolled back by command", to)
             except (RuntimeError, OSError) as exc:
                 return CommandReply.failed(str(exc))
-            return CommandReply(True, result={"model": _ref(target).to_json()})
+            stuck = time.monotonic() - self.stats.last_frame_mono
+            if stuck > FRAME_LOOP_STUCK_S:  # honest: the swap happened, but nothing is being served
+                return CommandReply.failed(f"rolled back to {target.name} {target.version}, but the frame loop has "
+                                           f"not turned for {stuck:.0f} s (a hung runtime?); restart the agent")
+            return CommandReply(True, result={"model": ModelRef.of(target).to_json()})
         if command == "models":
             models = [{"name": s.name, "version": s.version, "sha256": s.sha256, "format": s.manifest.get("format"),
                        "task": s.manifest.get("task"), "active": active} for s, active in self.store.list()]
@@ -384,16 +398,3 @@ class Deployer:
                 models = [{**info.to_json(), "active": True, "origin": "configured"}]
             return CommandReply(True, result={"models": models, "deployments": self.journal.latest(10)})
         return CommandReply.failed(f"the deployer does not handle {command!r}")
-
-
-def _ref(stored: StoredModel) -> ModelRef:
-    return ModelRef(stored.name, stored.version, stored.sha256)
-
-
-def _raw_id(payload: bytes) -> str | None:
-    """The deployment id of a payload that may not be a valid manifest, when it has a usable one."""
-    try:
-        did = json.loads(payload).get("deployment_id")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return did if is_safe_id(did) else None

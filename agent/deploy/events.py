@@ -18,6 +18,11 @@ class ModelRef:
     version: str
     sha256: str | None = None
 
+    @classmethod
+    def of(cls, stored) -> ModelRef:
+        """The reference to a model in the store (a StoredModel)."""
+        return cls(stored.name, stored.version, stored.sha256)
+
     def to_json(self) -> dict[str, str]:
         out = {"name": self.name, "version": self.version}
         if self.sha256 is not None:

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.vocab import TERMINAL_STATES
+from agent.vocab import APPLIED_STATES
 
 log = logging.getLogger(__name__)
 UNVERIFIED_PREFIX = "payload-"  # rejections of what could not be verified are kept by their bytes' hash
@@ -67,7 +67,7 @@ class Journal:
         return self._state.get(deployment_id)
 
     def finished(self, deployment_id: str) -> bool:
-        return self.state(deployment_id) in TERMINAL_STATES
+        return self.state(deployment_id) in APPLIED_STATES
 
     def record(self, deployment_id: str, state: str, reason: str | None = None, **extra) -> None:
         entry = {"deployment_id": deployment_id, "state": state, "ts": time.time(), "reason": reason, **extra}
@@ -76,7 +76,7 @@ class Journal:
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
                 f.flush()
-                if state in TERMINAL_STATES:
+                if state in APPLIED_STATES:
                     os.fsync(f.fileno())
             self._appended += 1
             if self._appended >= COMPACT_AFTER_LINES:

@@ -17,7 +17,7 @@ from agent.deploy.golden import Golden
 from agent.runtimes.registry import format_names
 from agent.vision.params import DecodeSettings, PreprocessSpec
 from agent.vision.registry import check_task
-from agent.vocab import ID_PATTERN, SHA256_PATTERN, VERSION_PATTERN, one_of
+from agent.vocab import ID_PATTERN, SHA256_PATTERN, VERSION_PATTERN, is_safe_id, one_of
 
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 128 * 1024  # AWS IoT Core's message limit
@@ -93,6 +93,15 @@ class Target(_Strict):
         return self
 
 
+class ProbationSection(_Strict):
+    """Per-deployment probation (agent-ctl deploy --probation-s, --latency-allowance): e.g. to move to a
+    heavier model on purpose. What is not given comes from the device's deploy.* config."""
+
+    seconds: float | None = Field(None, ge=0, le=7 * 24 * 3600)
+    min_frames: int | None = Field(None, ge=0)
+    latency_factor: float | None = Field(None, ge=1, le=1000)
+
+
 class DeploymentManifest(_Strict):
     deployment_id: str = Field(pattern=ID_PATTERN)
     model: ModelSection
@@ -106,6 +115,7 @@ class DeploymentManifest(_Strict):
     expires_at: float | None = None
     key_id: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")  # which trusted key signed it
     counter: int | None = Field(None, ge=0)  # release counter: a device accepts only ever higher ones
+    probation: ProbationSection | None = None
 
     @model_validator(mode="after")
     def _chunks_cover_the_file(self) -> DeploymentManifest:
@@ -133,6 +143,15 @@ def parse_manifest(payload: bytes) -> tuple[dict, DeploymentManifest]:
     except ValidationError as exc:
         lines = [f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()[:8]]
         raise ManifestRejected("invalid manifest: " + "; ".join(lines)) from None
+
+
+def claimed_id(payload: bytes) -> str | None:
+    """The deployment id of a payload that may not be a valid manifest, when it has a usable one."""
+    try:
+        did = json.loads(payload).get("deployment_id")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return did if is_safe_id(did) else None
 
 
 def canonical_bytes(raw: dict) -> bytes:

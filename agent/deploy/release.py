@@ -67,6 +67,15 @@ def _check_target(m: DeploymentManifest, arrival: Arrival) -> None:
                                + (f" on group {arrival.group_topic}'s topic" if arrival.group_topic else ""))
 
 
+def supersedes(candidate: DeploymentManifest, downloading: DeploymentManifest, *, finished) -> bool:
+    """Whether a verified ``candidate`` replaces the download in progress: another deployment, not
+    finished here, and made later. A stale retained manifest re-delivered after a broker restart (a
+    group's older one) does not; nothing unverified gets this far."""
+    if candidate.deployment_id == downloading.deployment_id or finished(candidate.deployment_id):
+        return False
+    return downloading.created is None or (candidate.created or 0.0) > downloading.created
+
+
 @dataclass(frozen=True)
 class Accepted:
     counter: int
