@@ -1,10 +1,10 @@
-"""The deployment state machine: received → downloading → verifying → validating → activating → active.
+"""The deployment state machine: received → downloading → verifying → validating → activating → active →
+committed. Or rejected (bad manifest, signature, target, expiry, counter, size), failed (hash, load,
+validation, timeout), rolled_back (activated, then failed probation or rolled back by command).
 
-Or rejected (bad manifest, signature, size), failed (hash, load, validation, timeout), rolled_back
-(activated, then failed probation or was rolled back by command). The running model is not touched
-until the new one has passed validation in a child process and has been loaded and warmed here.
-The steps are in download, staging and probation; this module routes messages, queues the jobs,
-runs them one at a time on its own thread and says what happened.
+The running model is not touched until the new one has passed validation in a child process and has
+been loaded and warmed here. The steps are in release, download, staging and probation; this module
+routes messages, queues the jobs, runs them one at a time on its own thread and says what happened.
 """
 
 from __future__ import annotations
