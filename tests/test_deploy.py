@@ -692,3 +692,15 @@ def test_a_heavier_model_on_purpose_passes_with_its_own_probation_terms(device, 
     assert time.monotonic() - t0 < 20  # its own 3 s of probation, not the device's 20
     ev = rec.wait_json("/events", lambda e: e["state"] == "committed")[-1]
     assert ev["model"]["version"] == "2.0.0-slow" and "passed probation" in ev["note"]
+
+
+def test_a_rollback_on_a_device_whose_frame_loop_is_stuck_says_so(device, tmp_path):
+    cfg, agent, rec = device(deploy={"probation_s": 300})
+    hang = hang_on_bright_onnx(tmp_path / "hang")
+    r = ctl(agent.config_path, "deploy", str(hang), "--version", "2.0.0-hang", "--no-golden", "--no-probation-wait",
+            "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    time.sleep(2)  # the first real frame: the runtime hangs in it for hours
+    r = ctl(agent.config_path, "rollback", "--timeout", "60")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rolled back to blazeface-short-range 1.0.0, but the frame loop has not turned for" in r.stderr, r.stderr
