@@ -9,9 +9,11 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig, ConfigError, default_config_path, load_config, parse_config
 from agent.ctl.errors import CtlError, UsageError
+from agent.deploy.manifest import load_private_key
 from agent.messaging.link import make_client
 
 
@@ -68,6 +70,16 @@ class MqttSession:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def signing_key(path: Path) -> Ed25519PrivateKey:
+    """The operator's private key (from agent-ctl keygen) for --sign-key; UsageError, one line, if not."""
+    if not path.is_file():
+        raise UsageError(f"signing key not found: {path}")
+    try:
+        return load_private_key(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--sign-key {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def last_status(session: MqttSession, prefix: str, device: str, wait: float = 1.0) -> dict | None:

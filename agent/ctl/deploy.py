@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from agent.ctl.args import SECONDS, SECONDS_OR_ZERO, number
-from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status
+from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status, signing_key
 from agent.ctl.errors import EXIT_FAILED, EXIT_OK, UsageError
 from agent.deploy.golden import make_golden
 from agent.deploy.manifest import (
@@ -25,7 +25,6 @@ from agent.deploy.manifest import (
     MIN_CHUNK_BYTES,
     ManifestRejected,
     key_id,
-    load_private_key,
     parse_manifest,
     public_key_text,
     sign,
@@ -106,13 +105,7 @@ def build_manifest(args, model_path: Path, target: dict | None = None) -> tuple[
         except Exception as exc:  # noqa: BLE001 - a model this machine can't run is deployed without golden data
             print(f"note: no golden check (this machine could not run the model: {exc})", file=sys.stderr)
     if args.sign_key:
-        key_path = Path(args.sign_key)
-        if not key_path.is_file():
-            raise UsageError(f"signing key not found: {key_path}")
-        try:
-            key = load_private_key(key_path)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        key = signing_key(Path(args.sign_key))
         raw["key_id"] = key_id(key.public_key())
         raw["signature"] = sign(raw, key)
     try:  # what the device will check, checked here first: a bad key never costs an upload

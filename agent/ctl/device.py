@@ -12,9 +12,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from agent.ctl.args import SECONDS
-from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status
+from agent.ctl.client import MqttSession, absent, ctl_config, json_object, last_status, signing_key
 from agent.ctl.errors import EXIT_OK, CtlError, UsageError
-from agent.deploy.manifest import key_id, load_private_key, sign
+from agent.deploy.manifest import key_id, sign
 from agent.messaging.topics import Topics
 from agent.vocab import STATE_CHANGING_COMMANDS
 
@@ -23,10 +23,7 @@ SIGNED_FOR_S = 60  # a signed command is good for this long, and for one device,
 
 def signed_body(command: str, rid: str, device: str, key_path: Path, extra: dict | None = None) -> dict:
     """A state-changing request signed like a manifest: for ``device``, expiring in SIGNED_FOR_S."""
-    try:
-        key = load_private_key(key_path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--sign-key {key_path}: {getattr(exc, 'strerror', None) or exc}") from None
+    key = signing_key(key_path)
     now = time.time()
     body = {"command": command, "request_id": rid, "device": device, "issued_at": now,
             "expires_at": now + SIGNED_FOR_S, "key_id": key_id(key.public_key()), **(extra or {})}
