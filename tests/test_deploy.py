@@ -704,3 +704,13 @@ def test_a_rollback_on_a_device_whose_frame_loop_is_stuck_says_so(device, tmp_pa
     r = ctl(agent.config_path, "rollback", "--timeout", "60")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "rolled back to blazeface-short-range 1.0.0, but the frame loop has not turned for" in r.stderr, r.stderr
+
+
+def test_deploying_the_model_already_running_is_committed_at_once(device, tmp_path):
+    cfg, agent, rec = device(deploy={"probation_s": 300})
+    model = copy_model(MODELS / "blazeface.tflite", tmp_path / "same", "m.tflite")  # name 1.0.0, same bytes
+    t0 = time.monotonic()
+    r = ctl(agent.config_path, "deploy", str(model), "--version", "1.0.0", "--timeout", "60")
+    assert r.returncode == 0 and "committed on 1 device(s)" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 30  # no probation: nothing changed
+    assert rec.wait_json("/events", lambda e: e["state"] == "committed")[-1]["note"] == "this model is already running"

@@ -281,7 +281,7 @@ class Deployer:
                                    f"{self.cfg.deploy.max_model_mb:g} MB (deploy.max_model_mb)")
         running = self.current_model().info
         if running.sha256 == spec.sha256 and (running.name, running.version) == (spec.name, spec.version):
-            self._report(DeployEvent(did, "active", progress=1.0, note="this model is already running"))
+            self._report(DeployEvent(did, "committed", progress=1.0, note="this model is already running"))
             return
         installed = self.store.get(spec.sha256)
         if installed is None:
