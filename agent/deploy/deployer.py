@@ -97,11 +97,10 @@ class Deployer:
 
         ValueError for a key that does not load; nothing changes then.
         """
-        trusted = [load_public_key(k) for k in deploy.trusted_keys]
-        self.trusted = trusted
+        self.trusted = [load_public_key(k) for k in deploy.trusted_keys]
         self.store.keep = deploy.keep_versions
         self.cfg.deploy = deploy
-        log.info("deploy settings applied (%d trusted key(s))", len(trusted))
+        log.info("deploy settings applied (%d trusted key(s))", len(self.trusted))
 
     def start(self) -> None:
         active = self.store.active()  # a probation that a restart (or kill -9) interrupted goes on
@@ -141,16 +140,18 @@ class Deployer:
         return True
 
     def _arrival(self, topic: str) -> Arrival:
-        where = parse_deploy_topic(topic, self.deploy_topics)
-        group = next((g for g in self.cfg.groups if where and where.deploy_topic == self.topics.group_deploy(g)), None)
+        group = next((g for g in self.cfg.groups if topic == self.topics.group_deploy(g)), None)
         return Arrival(self.cfg.device_id, tuple(self.cfg.groups), group)
 
-    def _verified(self, topic: str, payload: bytes) -> tuple[dict, DeploymentManifest]:
-        """The manifest if it is valid, signed as required and meant for this device now; ManifestRejected if not."""
+    def _authentic(self, payload: bytes) -> tuple[dict, DeploymentManifest]:
+        """The manifest if it is valid and signed as required; ManifestRejected if not."""
         raw, m = parse_manifest(payload)
         check_signature(raw, self.trusted)
-        check_release(m, self._arrival(topic), signed_required=bool(self.trusted), highest=self.release.highest)
         return raw, m
+
+    def _check_release(self, m: DeploymentManifest, topic: str) -> None:
+        """ManifestRejected unless an authentic ``m`` is for this device, now, and newer than what it accepted."""
+        check_release(m, self._arrival(topic), signed_required=bool(self.trusted), highest=self.release.highest)
 
     def _supersedes(self, topic: str, payload: bytes) -> bool:
         """Whether this manifest replaces the one downloading now (see release.supersedes), once verified."""
@@ -158,7 +159,8 @@ class Deployer:
         if downloading is None:
             return False
         try:
-            raw, m = self._verified(topic, payload)
+            _, m = self._authentic(payload)
+            self._check_release(m, topic)
         except ManifestRejected:
             return False
         return supersedes(m, downloading, finished=self.journal.finished)
@@ -230,8 +232,7 @@ class Deployer:
         if not payload:
             return  # a cleared retained manifest
         try:
-            raw, manifest = parse_manifest(payload)
-            check_signature(raw, self.trusted)
+            raw, manifest = self._authentic(payload)
         except ManifestRejected as exc:
             # Not verified, so it speaks for nobody: journaled by its bytes, never under the id it claims
             # (a forged copy of a real manifest's id must not make the real one "already rejected").
@@ -247,8 +248,7 @@ class Deployer:
             log.debug("deployment %s already %s; not applied again", did, self.journal.state(did))
             return
         try:  # authentic, but for this device, now, and newer than what it has accepted?
-            check_release(manifest, self._arrival(topic), signed_required=bool(self.trusted),
-                          highest=self.release.highest)
+            self._check_release(manifest, topic)
         except ManifestRejected as exc:
             self._report(DeployEvent(did, "rejected", error=str(exc)))
             return

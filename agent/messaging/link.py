@@ -107,7 +107,8 @@ class MqttLink:
         self.taken_over = 0  # times the broker took the session away (see _handle_disconnect)
         self.refused = 0  # QoS 1 messages the broker acknowledged with a failure (MQTT 5 PUBACK >= 0x80)
         self.oversize = 0  # messages not sent: larger than the broker's (or mqtt.max_packet_kb's) limit
-        self.max_packet = cfg.max_packet_kb * 1024 if cfg.max_packet_kb else None
+        self._configured_max = cfg.max_packet_kb * 1024 if cfg.max_packet_kb else None
+        self.max_packet = self._configured_max
         self._connected_at = 0.0
         self._dropped_soon: list[float] = []
         self._socket_error: str | None = None  # a read error paho only reports through on_log
@@ -176,8 +177,7 @@ class MqttLink:
         self._connected_at = time.monotonic()
         advertised = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if advertised:
-            configured = self.cfg.max_packet_kb * 1024 if self.cfg.max_packet_kb else None
-            self.max_packet = min(advertised, configured) if configured else advertised
+            self.max_packet = min(advertised, self._configured_max or advertised)
         self.state = "connected"
         self.last_error = None
         log.info("mqtt: connected to %s", self.endpoint)
