@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MODELS, REPO, Broker, agent_config, wait_until
+from agent.inference.modelfile import file_sha256
 
 
 def _iou(a, b) -> float:
@@ -34,7 +35,9 @@ def test_face_on_a_real_photo_is_published_where_it_is(broker, recorder_factory,
     preds = rec.wait_json("/predictions", count=5, timeout=30)
     for p in preds[:5]:
         assert p["task"] == "blazeface"
-        assert p["model"] == {"name": "blazeface-short-range", "version": "1.0.0"}
+        fmt = model_file.rsplit(".", 1)[1]  # the .tflite and .onnx builds share name and version
+        assert p["model"] == {"name": "blazeface-short-range", "version": "1.0.0", "format": fmt,
+                              "digest": file_sha256(MODELS / model_file)[:12]}
         assert set(p["latency_ms"]) == {"preprocess", "inference", "postprocess", "total"}
         assert p["frame_ts"] <= p["ts"]
         faces = [r for r in p["results"] if r["label"] == "face"]

@@ -126,7 +126,8 @@ def test_a_registered_backend_and_task_serve_predictions_through_a_real_agent(re
         rec.close()
     assert status["backend"] == "meanrt" and status["runtime"]["reason"] == "meanmodel → meanrt (the only one)"
     assert status["model"]["format"] == "meanmodel" and status["model"]["task"] == "brightest-channel"
-    assert preds["task"] == "brightest-channel" and preds["model"] == {"name": "brightest", "version": "1.0"}
+    assert preds["task"] == "brightest-channel" and preds["model"] == {"name": "brightest", "version": "1.0", "format": "meanmodel",
+                                                                           "digest": status["model"]["sha256"][:12]}
     [result] = preds["results"]
     assert result["label"] in ("red", "green", "blue") and result["score"] > 0
     assert agent.model.session.runs >= 5 + 2  # the frames above, after open_session's warm-up runs

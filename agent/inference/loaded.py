@@ -26,7 +26,9 @@ class ModelInfo:
     path: str
 
     def brief(self) -> dict:
-        return {"name": self.name, "version": self.version}
+        """Enough to tell two builds of one model apart (the bundled .tflite and .onnx share name and
+        version): the format and the first 12 hex digits of the file's sha256."""
+        return {"name": self.name, "version": self.version, "format": self.format, "digest": self.sha256[:12]}
 
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256, "format": self.format,
