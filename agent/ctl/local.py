@@ -91,6 +91,8 @@ def format_report(facts: HardwareFacts, choices: Mapping[str, RuntimeChoice | Ex
     lines.append("Runtimes:" if facts.runtimes else "Runtimes:     not checked")
     for r in facts.runtimes.values():
         state = f"ok {r.version or ''}".rstrip() if r.available else f"unavailable ({r.error})"
+        if r.fallback:
+            state += f", safe mode only ({r.fallback})"
         providers = f" [{', '.join(r.providers)}]" if r.providers else ""
         lines.append(f"  {r.name:<16} {state}{providers}")
     lines.append("Choice:")

@@ -20,7 +20,7 @@ from agent.daemon.systemd import Notifier
 from agent.deploy.deployer import Deployer
 from agent.deploy.store import ModelStore
 from agent.inference.loaded import LoadedModel
-from agent.inference.loader import load_model
+from agent.inference.loader import load_checked, load_model
 from agent.inference.pipeline import Pipeline
 from agent.messaging.delivery import DurableSender
 from agent.messaging.link import MqttLink
@@ -88,17 +88,22 @@ class Agent:
         return True
 
     def _initial_model(self) -> LoadedModel:
-        """The last model activated in the store; the configured one when the store is empty or unusable."""
+        """The last model activated in the store; the configured one when the store is empty or unusable.
+
+        Each is loaded in a child first (``load_checked``): a runtime that crashes there falls back to
+        its safe mode instead of taking the daemon down at every restart.
+        """
         stored = self.store.active()
         if stored is not None:
             try:
-                return self._load(stored.path)
+                return self._load(stored.path, trial=True)
             except Exception as exc:  # noqa: BLE001 - a bad store must not keep the device down
                 log.error("stored model %s %s does not load (%s); using the configured model",
                           stored.name, stored.version, exc)
-        return self._load(self.cfg.model.path, configured=True)
+        return self._load(self.cfg.model.path, configured=True, trial=True)
 
-    def _load(self, path: Path, configured: bool = False, cfg: AgentConfig | None = None) -> LoadedModel:
+    def _load(self, path: Path, configured: bool = False, cfg: AgentConfig | None = None,
+              trial: bool = False) -> LoadedModel:
         """Load a model on the backend the probe picks; config task/labels/threshold apply to the configured one."""
         cfg = cfg or self.cfg
         pick = chooser(self.facts, path, cfg.runtime.backend, cfg.runtime.accelerator)
@@ -110,8 +115,8 @@ class Agent:
 
         threads = inference_threads(cfg.runtime.threads)
         extra = dict(task=cfg.model.task, labels_file=cfg.model.labels, threshold=cfg.model.threshold) if configured else {}
-        return load_model(path, choose, threads=threads,
-                          cache_dir=cfg.state_dir / "cache" if _writable(cfg.state_dir) else None, **extra)
+        cache_dir = cfg.state_dir / "cache" if _writable(cfg.state_dir) else None
+        return (load_checked if trial else load_model)(path, choose, threads=threads, cache_dir=cache_dir, **extra)
 
     def _swap(self, new: LoadedModel) -> LoadedModel:
         """Make ``new`` the serving model between two frames; returns the old one, still open."""

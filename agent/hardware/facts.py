@@ -38,6 +38,7 @@ class RuntimeAvailability:
     version: str | None = None
     error: str | None = None
     providers: tuple[str, ...] = ()
+    fallback: str | None = None  # why it works only in its backend's safe mode (its check crashed without)
 
     def to_json(self) -> dict:
         return {**asdict(self), "providers": list(self.providers)}

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.inference.loaded import LoadedModel, ModelInfo
 from agent.inference.modelfile import ManifestError, declared_labels, file_sha256, read_manifest
-from agent.runtimes.base import RuntimeChoice
+from agent.runtimes.base import ModelLoadError, RuntimeChoice
+from agent.runtimes.isolated import ChildCrashed, in_child
 from agent.runtimes.registry import backend, detect_format
 from agent.runtimes.session import open_session
 from agent.vision import registry
 from agent.vision.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+TRIAL_TIMEOUT_S = 90.0  # under the unit's TimeoutStartSec (120 s), with room for the real load after it
 
 
 def load_model(path: Path, choose: Callable[[str], RuntimeChoice], *, task: str | None = None, labels_file: Path | None = None,
@@ -46,3 +52,34 @@ def load_model(path: Path, choose: Callable[[str], RuntimeChoice], *, task: str 
     info = ModelInfo(name=name or manifest.name or path.stem, version=version or manifest.version,
                      sha256=sha, format=fmt, task=task, path=str(path))
     return LoadedModel(info, session, preprocessor, decoder, choice)
+
+
+def load_checked(path: Path, choose: Callable[[str], RuntimeChoice], **kw) -> LoadedModel:
+    """``load_model``, after the same load and warm-up in a forked child.
+
+    A runtime or delegate that crashes or hangs there (the Edge TPU's, XNNPACK on a CPU it misreads)
+    takes the child down, not the daemon: the model is tried again in its backend's safe mode and,
+    when that works, loaded so with the reason in ``choice.reason`` (status shows it). Ordinary load
+    errors are left to the real load, which raises them with all their detail.
+    """
+    try:
+        in_child(lambda: load_model(path, choose, **kw).close(), timeout=TRIAL_TIMEOUT_S, what=f"loading {path.name}")
+    except ChildCrashed as crash:
+        choice = choose(detect_format(path))
+        picked = backend(choice.backend)
+        safe = picked.safe_choice(choice) if hasattr(picked, "safe_choice") else None
+        if safe is None:
+            raise ModelLoadError(f"{path}: {crash}, and {picked.label} has no safer mode to try") from None
+        safe = dataclasses.replace(safe, reason=f"{safe.reason} ({crash} on {choice.accelerator})")
+        log.error("%s; trying %s", crash, picked.safe_mode)
+        try:
+            in_child(lambda: load_model(path, lambda _fmt: safe, **kw).close(), timeout=TRIAL_TIMEOUT_S,
+                     what=f"loading {path.name} with {picked.safe_mode}")
+        except ChildCrashed as again:
+            raise ModelLoadError(f"{path}: {crash}; {again}") from None
+        except Exception:  # noqa: BLE001 - left to the real load below
+            pass
+        choose = lambda _fmt: safe  # noqa: E731
+    except Exception:  # noqa: BLE001 - left to the real load below
+        pass
+    return load_model(path, choose, **kw)

@@ -89,6 +89,7 @@ class RuntimeChoice:
     accelerator: str  # "cpu" | "xnnpack" | "edgetpu" | "cuda" | "tensorrt"
     providers: tuple[str, ...] = ()
     reason: str = ""
+    safe: bool = False  # the backend's safe mode (TFLite: XNNPACK off; onnxruntime: the CPU provider only)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,23 @@ class Backend(Protocol):
 
     def embedded_labels(self, path: Path) -> tuple[str, ...]:
         """Labels packed inside the model file, if its format carries them."""
+        ...
+
+
+class SafeModeBackend(Backend, Protocol):
+    """A backend with a safer way to run when its usual one crashes the process (optional).
+
+    The probe checks such a backend again in safe mode when its check crashed its child, and the
+    daemon's first load falls back to ``safe_choice`` when loading crashed its trial child.
+    """
+
+    modules: tuple[str, ...]  # what its availability() reports, so a crashed check can say which
+    safe_mode: str  # e.g. "XNNPACK off"
+
+    def availability(self, first_only: bool, safe: bool = False) -> dict[str, RuntimeAvailability]: ...
+
+    def safe_choice(self, choice: RuntimeChoice) -> RuntimeChoice | None:
+        """``choice`` in safe mode (``safe=True``, its own reason), or None when there is none."""
         ...
 
 

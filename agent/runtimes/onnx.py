@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -74,6 +75,7 @@ class OnnxSession:
         threads: int = 0,
         cache_dir: Path | None = None,
         model_sha256: str = "",
+        safe: bool = False,
     ):
         try:
             import onnxruntime as ort
@@ -83,7 +85,9 @@ class OnnxSession:
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Safe mode (a load that crashed its trial child): only the graph rewrites every build has.
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if safe
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.log_severity_level = 3
         # ORT's pool spin-waits between runs by default: a core burned at 15 fps on a Pi, and at full
         # rate it takes the CPU our capture and publish threads need.
@@ -230,9 +234,11 @@ class OnnxBackend:
     label = "onnxruntime"
     rank = 20
     formats = (ModelFormat("onnx", "ONNX", ".onnx", _is_onnx),)
+    modules = ("onnxruntime",)
+    safe_mode = "the CPU provider with basic graph optimisations"
 
-    def availability(self, first_only: bool) -> dict[str, RuntimeAvailability]:
-        return {"onnxruntime": check_onnxruntime()}
+    def availability(self, first_only: bool, safe: bool = False) -> dict[str, RuntimeAvailability]:
+        return {"onnxruntime": check_onnxruntime()}  # an import: no safer way to do it
 
     def preload(self, facts: HardwareFacts) -> list[str]:
         return ["onnxruntime"]  # a module that does not import is skipped by the forkserver
@@ -243,10 +249,16 @@ class OnnxBackend:
     def choose(self, facts: HardwareFacts, accelerator: str, compiled_for: str | None) -> RuntimeChoice:
         return choose(facts, accelerator)
 
+    def safe_choice(self, choice: RuntimeChoice) -> RuntimeChoice | None:
+        if choice.safe:
+            return None
+        return dataclasses.replace(choice, accelerator="cpu", providers=("CPUExecutionProvider",), safe=True,
+                                   reason="onnx model → onnxruntime CPU, basic graph optimisations")
+
     def open(self, path: Path, choice: RuntimeChoice, *, threads: int, cache_dir: Path | None,
              model_sha256: str) -> Session:
         return OnnxSession(path, providers=tuple(choice.providers) or ("CPUExecutionProvider",), threads=threads,
-                           cache_dir=cache_dir, model_sha256=model_sha256)
+                           cache_dir=cache_dir, model_sha256=model_sha256, safe=choice.safe)
 
     def embedded_labels(self, path: Path) -> tuple[str, ...]:
         return ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -94,7 +95,8 @@ def _spec(detail: dict) -> TensorSpec:
 class TFLiteSession:
     """A TFLite interpreter behind the common session interface."""
 
-    def __init__(self, path: str | Path, *, module: str | None = None, threads: int = 0, edgetpu: bool = False):
+    def __init__(self, path: str | Path, *, module: str | None = None, threads: int = 0, edgetpu: bool = False,
+                 xnnpack: bool = True):
         path = str(path)
         errors: list[str] = []
         for name in (module,) if module else MODULES:
@@ -106,7 +108,8 @@ class TFLiteSession:
             try:
                 delegates = [mod.load_delegate(EDGETPU_LIBRARY)] if edgetpu else None
                 interp = mod.Interpreter(
-                    model_path=path, num_threads=threads or None, experimental_delegates=delegates
+                    model_path=path, num_threads=threads or None, experimental_delegates=delegates,
+                    **({} if xnnpack else _WITHOUT_XNNPACK(mod)),
                 )
                 interp.allocate_tensors()
             except ValueError as exc:
@@ -121,8 +124,9 @@ class TFLiteSession:
             self._interp = interp
             self.info = SessionInfo(
                 backend="tflite",
-                accelerator="edgetpu" if edgetpu else "xnnpack",
+                accelerator="edgetpu" if edgetpu else "xnnpack" if xnnpack else "cpu",
                 module=name.split(".")[0] if name != "tensorflow.lite" else name,
+                notes=() if xnnpack else ("XNNPACK off",),
             )
             if errors:
                 log.info("TFLite: using %s after: %s", name, "; ".join(errors))
@@ -164,24 +168,32 @@ def probe_model_path() -> Path:
     return Path(__file__).resolve().parents[2] / "models/face/blazeface.tflite"
 
 
-def _load_with(name: str) -> str | None:
+def _WITHOUT_XNNPACK(mod) -> dict:  # noqa: N802 - reads as the keyword arguments it is
+    """Interpreter(...) keywords for TFLite's built-in kernels without its default delegate, XNNPACK."""
+    return {"experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+
+
+def _load_with(name: str, xnnpack: bool = True) -> str | None:
     """Import package ``name``, build an interpreter on the bundled model if present; return its version."""
-    interpreter_cls = import_interpreter_module(name).Interpreter
+    mod = import_interpreter_module(name)
     top = "tensorflow" if name == "tensorflow.lite" else name
     version = getattr(importlib.import_module(top), "__version__", None)
     # Importing is not enough: tflite-runtime 2.14 imports under numpy 2 but fails here.
     if probe_model_path().is_file():
-        interpreter_cls(model_path=str(probe_model_path())).allocate_tensors()
+        extra = {} if xnnpack else _WITHOUT_XNNPACK(mod)
+        interp = mod.Interpreter(model_path=str(probe_model_path()), **extra)
+        interp.allocate_tensors()
+        interp.invoke()  # XNNPACK's kernels run only here (a CPU it misreads crashes here, not above)
     return version
 
 
 @functools.cache
-def check_module(name: str) -> RuntimeAvailability:
-    """Whether TFLite package ``name`` imports and really builds an interpreter (never raises)."""
+def check_module(name: str, xnnpack: bool = True) -> RuntimeAvailability:
+    """Whether TFLite package ``name`` imports and really builds and runs an interpreter (never raises)."""
     try:
         with warnings.catch_warnings(), quiet_stderr():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter warns that it is deprecated
-            version = _load_with(name)
+            version = _load_with(name, xnnpack)
     except Exception as exc:
         return RuntimeAvailability(name, False, error=error_text(exc))
     if version is None:
@@ -248,13 +260,15 @@ class TFLiteBackend:
     name = "tflite"
     label = "the TFLite backend"
     rank = 10
+    modules = PACKAGES
+    safe_mode = "XNNPACK off"
     # TFLite flatbuffers carry the file identifier 'TFL3' at bytes 4-8.
     formats = (ModelFormat("tflite", "TFLite", ".tflite", lambda head: len(head) >= 8 and head[4:8] == b"TFL3"),)
 
-    def availability(self, first_only: bool) -> dict[str, RuntimeAvailability]:
+    def availability(self, first_only: bool, safe: bool = False) -> dict[str, RuntimeAvailability]:
         found: dict[str, RuntimeAvailability] = {}
         for name in PACKAGES:
-            found[name] = check_module(name)
+            found[name] = check_module(name, xnnpack=not safe)
             if first_only and found[name].available:
                 break
         return found
@@ -271,10 +285,18 @@ class TFLiteBackend:
     def choose(self, facts: HardwareFacts, accelerator: str, compiled_for: str | None) -> RuntimeChoice:
         return choose(facts, accelerator, compiled_for)
 
+    def safe_choice(self, choice: RuntimeChoice) -> RuntimeChoice | None:
+        if choice.safe:
+            return None
+        accelerator = "edgetpu" if choice.accelerator == "edgetpu" else "cpu"
+        on = "with the Edge TPU delegate" if accelerator == "edgetpu" else "on CPU"
+        return dataclasses.replace(choice, accelerator=accelerator, safe=True,
+                                   reason=f"tflite model → {choice.module} {on}, XNNPACK off")
+
     def open(self, path: Path, choice: RuntimeChoice, *, threads: int, cache_dir: Path | None,
              model_sha256: str) -> Session:
         return TFLiteSession(path, module=choice.module or None, threads=threads,
-                             edgetpu=choice.accelerator == "edgetpu")
+                             edgetpu=choice.accelerator == "edgetpu", xnnpack=not choice.safe)
 
     def embedded_labels(self, path: Path) -> tuple[str, ...]:
         return embedded_labels(path)
