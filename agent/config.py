@@ -54,7 +54,7 @@ class MqttConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     outbox_max_mb: float = Field(50.0, ge=1, description="the outbox's bound on disk (a message must fit)")
-    outbox_rate: float = Field(200.0, gt=0, description="max backlog messages/s sent after a reconnect")
+    outbox_rate: float = Field(200.0, gt=0, description="max messages/s the outbox sends (control first, then live, then backlog)")
     max_packet_kb: int | None = Field(None, ge=1, description="largest MQTT packet the broker takes (MQTT 5 "
                                       "brokers say it themselves; AWS IoT Core: 128)")
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
 from conftest import wait_until
 
 from agent.config import MqttConfig
+from agent.messaging import delivery
 from agent.messaging.delivery import DurableSender
 from agent.messaging.link import MqttLink
 from agent.messaging.outbox import Outbox
@@ -88,3 +90,56 @@ def test_a_backlog_drains_at_the_configured_rate_not_twice_it(broker, recorder_f
         link.stop()
     # 64 at once (the window's burst), then 200 at 100/s: 2 s; the double count made it 1 s
     assert took > 1.7, f"{264 / took:.0f} messages/s drained; configured 100 (after a burst of 64)"
+
+
+def test_control_events_and_live_predictions_go_out_before_an_outages_backlog(broker, recorder_factory,
+                                                                              tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(delivery, "LIVE_S", 0.5)  # the backlog below is "old" after half a second, not two
+    rec = recorder_factory(broker, "t/#")
+    link = MqttLink(MqttConfig(url=broker.url), "durable-lanes-test")
+    outbox = Outbox(tmp_path / "outbox.db")
+    for i in range(1000):  # an outage's predictions: 20 s of sending at 50/s
+        outbox.put("t/backlog", f'{{"n":{i}}}'.encode(), qos=1)
+    time.sleep(0.6)
+    sender = DurableSender(link, outbox, rate=50.0, window=64)
+    link.start()
+    try:
+        assert link.wait_connected(5)
+        sender.start()
+        wait_until(lambda: len(rec.json("/backlog")) >= 64, 10, what="the backlog's first window")
+        t0 = time.monotonic()
+        sender.submit("t/event", b'{"state": "downloading"}', qos=1, control=True)
+        sender.submit("t/live", b'{"seq": 1}', qos=1)
+        wait_until(lambda: rec.json("/event") and rec.json("/live"), 5, what="the event and the live prediction")
+        took = time.monotonic() - t0
+        behind = len(rec.json("/backlog"))
+    finally:
+        sender.stop(flush_s=0)
+        link.stop()
+    assert took < 1.0, f"the deployment event and the live prediction waited {took:.1f} s"
+    assert behind < 200, f"they went out after {behind} of the backlog's 1000 messages"
+    assert outbox.depth() > 500  # the backlog goes on draining at its rate, after them
+    backlog = [m["n"] for m in rec.json("/backlog")]
+    assert backlog == sorted(backlog)  # the backlog itself stays in order
+
+
+def test_an_outbox_written_before_lanes_existed_opens_and_sends_its_messages(broker, recorder_factory,
+                                                                             tmp_path: Path):
+    path = tmp_path / "outbox.db"
+    with sqlite3.connect(path) as conn:  # the schema of the previous release
+        conn.executescript("""CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+            payload BLOB NOT NULL, qos INT NOT NULL, retain INT NOT NULL, created REAL NOT NULL);
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);""")
+        conn.executemany("INSERT INTO messages (topic, payload, qos, retain, created) VALUES (?, ?, 1, 0, ?)",
+                         [("t/old", f'{{"n":{i}}}'.encode(), time.time() - 60) for i in range(5)])
+    rec = recorder_factory(broker, "t/#")
+    link = MqttLink(MqttConfig(url=broker.url), "durable-old-schema-test")
+    sender = DurableSender(link, Outbox(path), rate=100.0)
+    link.start()
+    sender.start()
+    try:
+        wait_until(lambda: len(rec.json("/old")) == 5, 10, what="the old outbox's messages")
+    finally:
+        sender.stop()
+        link.stop()
+    assert [m["n"] for m in rec.json("/old")] == [0, 1, 2, 3, 4]

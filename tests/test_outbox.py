@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.messaging.outbox import ROW_OVERHEAD, Outbox, OutboxError
+from agent.messaging.outbox import CONTROL, ROW_OVERHEAD, Outbox, OutboxError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,3 +252,13 @@ def test_permissions_and_validation(tmp_path: Path) -> None:
     ob.close()
     with pytest.raises(OutboxError, match="closed"):
         ob.put("t", b"x")
+
+
+def test_a_full_outbox_drops_predictions_before_control_messages(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db", max_mb=1)
+    event = ob.put("edge/cam/deploy/status", b'{"state": "downloading"}', lane=CONTROL)
+    for _ in range(300):  # 300 x 4 KB: well over 1 MB
+        ob.put("edge/cam/predictions", os.urandom(4000))
+    kept = ob.peek(limit=10_000)
+    assert kept[0].id == event and ob.dropped > 0  # the oldest message, and still there
+    assert ob.size_bytes() <= ob.max_bytes

@@ -84,7 +84,7 @@ class Agent:
             return None
 
     def _publish_event(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        self.durable.submit(topic, payload, qos=qos, retain=retain)
+        self.durable.submit(topic, payload, qos=qos, retain=retain, control=True)
         return True
 
     def _initial_model(self) -> LoadedModel:
@@ -207,7 +207,7 @@ class Agent:
         health.outbox = OutboxHealth(health.outbox_depth, self.durable.dropped, self.durable.last_error,
                                      self.publisher.dropped)
         health.notify_missed = self.notifier.missed
-        self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True)
+        self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True, control=True)
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 
     def reload(self) -> None:

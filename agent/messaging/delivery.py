@@ -4,6 +4,10 @@ paho keeps QoS 1 messages in memory only (lost on restart). Here every such mess
 the sqlite outbox, published while the link is up with a bounded window, and deleted on PUBACK.
 After a reconnect paho resends what was in flight (same mid); after a restart everything still in
 the outbox is sent again, so a crash can duplicate (boot_id + seq tell them apart), never lose.
+
+What waits goes out in this order, all within the one rate: control messages (deployment events,
+health), then live predictions (made in the last LIVE_S; the newest that fit the window, in order),
+then the backlog, oldest first. So an operator's deployment and today's predictions never wait behind an outage's thousands.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections import deque
 import paho.mqtt.client as paho
 
 from agent.messaging.link import MqttLink
-from agent.messaging.outbox import Outbox, OutboxError
+from agent.messaging.outbox import CONTROL, DATA, Outbox, OutboxError
 from agent.support.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 HEARD_KEEP_S = 1.0  # an early PUBACK is booked within milliseconds of its publish
+LIVE_S = 2.0  # a prediction this young is live traffic: it goes out before the backlog
 
 
 class DurableSender:
@@ -37,7 +42,6 @@ class DurableSender:
         # often) a QoS 0 message written, which paho reports too, numbered from the same counter.
         self._heard: dict[int, float] = {}  # mid -> when it was heard (monotonic)
         self._heard_order: deque[tuple[int, float]] = deque()
-        self._after_id = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
@@ -66,11 +70,13 @@ class DurableSender:
         if self._thread.is_alive():
             self._thread.join(2)
 
-    def submit(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Keep ``payload`` until the broker has it; on a full or broken disk, fall back to memory."""
+    def submit(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, control: bool = False) -> None:
+        """Keep ``payload`` until the broker has it; on a full or broken disk, fall back to memory.
+
+        ``control`` messages (deployment events, health) go out before any prediction waiting."""
         if self.outbox is not None:
             try:
-                self.outbox.put(topic, payload, qos=qos, retain=retain)
+                self.outbox.put(topic, payload, qos=qos, retain=retain, lane=CONTROL if control else DATA)
                 self._wake.set()
                 return
             except OutboxError as exc:
@@ -116,7 +122,7 @@ class DurableSender:
             if room <= 0:
                 continue
             try:
-                batch = self.outbox.peek(limit=room, after_id=self._after_id)
+                batch = self._next(room)
             except OutboxError as exc:
                 self.last_error = str(exc)
                 continue
@@ -133,7 +139,6 @@ class DurableSender:
                     break
                 if not self.link.fits(msg.topic, msg.payload):  # it would break the link on every try
                     self.link.too_large(msg.topic, msg.payload)
-                    self._after_id = msg.id
                     self._ack(msg.id)
                     continue
                 sent_at = time.monotonic()
@@ -144,7 +149,6 @@ class DurableSender:
                     paho_full = True
                     break
                 tokens -= 1
-                self._after_id = msg.id
                 with self._lock:
                     # Only what was heard since this publish began is its PUBACK: paho's mids wrap
                     # after 65535, so an older entry is another message that had the same number.
@@ -157,3 +161,17 @@ class DurableSender:
                 self._stop.wait(0.1)  # paho's queue drains as the broker acknowledges
             if batch:
                 self._wake.set()  # more may be waiting
+
+    def _next(self, room: int) -> list:
+        """Up to ``room`` messages not in flight: control, then live (the newest), then the backlog."""
+        assert self.outbox is not None
+        with self._lock:
+            busy = list(self._inflight.values())
+        batch = self.outbox.peek(limit=room, lane=CONTROL, exclude=busy)
+        if len(batch) < room:
+            live = self.outbox.peek(limit=room - len(batch), lane=DATA, exclude=busy, newest=True)
+            cutoff = time.time() - LIVE_S
+            batch += [m for m in live if m.created >= cutoff]
+        if len(batch) < room:
+            batch += self.outbox.peek(limit=room - len(batch), lane=DATA, exclude=busy + [m.id for m in batch])
+        return batch

@@ -28,9 +28,12 @@ _ERRNO_HINTS = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCE
 _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 # AUTOINCREMENT: ids are never reused, even once the table was empty, so they stay a send order.
+# lane: CONTROL (deployment events, health: few, and someone waits for them) goes out before DATA
+# (predictions, which an outage piles up by the thousand), and DATA is dropped first when full.
 _SCHEMA = """CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
-    payload BLOB NOT NULL, qos INT NOT NULL, retain INT NOT NULL, created REAL NOT NULL);
+    payload BLOB NOT NULL, qos INT NOT NULL, retain INT NOT NULL, created REAL NOT NULL, lane INT NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"""
+CONTROL, DATA = 0, 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class Outbox:
             if check != "ok":  # readable header but damaged pages: would fail later, mid-run
                 raise sqlite3.DatabaseError(f"quick_check: {check}")
             conn.executescript(_SCHEMA)
+            if "lane" not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}:  # an older outbox
+                conn.execute("ALTER TABLE messages ADD COLUMN lane INT NOT NULL DEFAULT 1")
+            conn.execute("CREATE INDEX IF NOT EXISTS messages_by_lane ON messages (lane, id)")
         except BaseException:
             conn.close()
             raise
@@ -168,8 +174,8 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise _describe(self.path, "read", exc) from exc
 
-    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Store one message and return its id; if over ``max_mb``, drop the oldest first."""
+    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, lane: int = DATA) -> int:
+        """Store one message and return its id; if over ``max_mb``, drop the oldest first (DATA before CONTROL)."""
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
@@ -180,8 +186,8 @@ class Outbox:
             dropped = freed = 0
             if self._bytes + cost > self.max_bytes:  # batch down to 90% so a full outbox isn't 1 delete/put
                 dropped, freed = self._drop_oldest(conn, self._bytes + cost - int(self.max_bytes * 0.9))
-            sql = "INSERT INTO messages (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)"
-            msg_id = conn.execute(sql, (topic, data, qos, int(retain), time.time())).lastrowid
+            sql = "INSERT INTO messages (topic, payload, qos, retain, created, lane) VALUES (?, ?, ?, ?, ?, ?)"
+            msg_id = conn.execute(sql, (topic, data, qos, int(retain), time.time(), lane)).lastrowid
             delta[:] = [cost - freed, dropped]
         if delta[1]:
             log.warning("outbox %s over %.1f MB: dropped %d oldest messages", self.path, self.max_bytes / 2**20, delta[1])
@@ -190,24 +196,33 @@ class Outbox:
     @staticmethod
     def _drop_oldest(conn: sqlite3.Connection, need: int) -> tuple[int, int]:
         """Delete oldest rows in one batch until ``need`` bytes are freed (down to ~90% of the bound)."""
-        count = freed = last = 0
-        cur = conn.execute(f"SELECT id, {_COST_SQL} FROM messages ORDER BY id")
+        count = freed = 0
+        doomed: list[int] = []
+        cur = conn.execute(f"SELECT id, {_COST_SQL} FROM messages ORDER BY lane DESC, id")
         for msg_id, cost in cur:
-            count, freed, last = count + 1, freed + cost, msg_id
+            count, freed = count + 1, freed + cost
+            doomed.append(msg_id)
             if freed >= need:
                 break
         cur.close()
         if count:
-            conn.execute("DELETE FROM messages WHERE id <= ?", (last,))
+            conn.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in doomed))
             conn.execute("INSERT INTO meta VALUES ('dropped_total', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (count,))
         return count, freed
 
-    def peek(self, limit: int = 100, after_id: int = 0) -> list[OutboxMessage]:
-        """Up to ``limit`` waiting messages with id > ``after_id``, oldest first."""
-        sql = "SELECT id, topic, payload, qos, retain, created FROM messages WHERE id > ? ORDER BY id LIMIT ?"
-        rows = self._query(sql, (after_id, limit))
-        return [OutboxMessage(i, t, bytes(p), q, bool(r), c) for i, t, p, q, r, c in rows]
+    def peek(self, limit: int = 100, after_id: int = 0, *, lane: int | None = None, exclude: Iterable[int] = (),
+             newest: bool = False) -> list[OutboxMessage]:
+        """Up to ``limit`` waiting messages with id > ``after_id`` (of one ``lane``, not in ``exclude``),
+        oldest first, or the newest ones (still returned oldest first) with ``newest``."""
+        skip = tuple(exclude)
+        where = "id > ?" + ("" if lane is None else " AND lane = ?") + (f" AND id NOT IN ({','.join('?' * len(skip))})"
+                                                                       if skip else "")
+        sql = (f"SELECT id, topic, payload, qos, retain, created FROM messages WHERE {where} "
+               f"ORDER BY id {'DESC' if newest else ''} LIMIT ?")
+        rows = self._query(sql, (after_id, *(() if lane is None else (lane,)), *skip, limit))
+        found = [OutboxMessage(i, t, bytes(p), q, bool(r), c) for i, t, p, q, r, c in rows]
+        return found[::-1] if newest else found
 
     def ack(self, msg_id: int) -> None:
         """Remove one message (the broker acknowledged it); unknown ids are ignored."""
