@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MODELS, REPO, Broker, agent_config, wait_until
+
 from agent.inference.modelfile import file_sha256
 
 
