@@ -205,7 +205,7 @@ class Agent:
         health = self.health.sample(pipeline=self.pipeline, capture=self.capture, slot=self.slot, mqtt=self.link,
                                     model_info=self.model.info, outbox_depth=self.durable.depth)
         health.outbox = OutboxHealth(health.outbox_depth, self.durable.dropped, self.durable.last_error,
-                                     self.publisher.dropped)
+                                     self.publisher.dropped, self.durable.memory_only)
         health.notify_missed = self.notifier.missed
         self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True, control=True)
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())

@@ -38,6 +38,7 @@ class OutboxHealth:
     dropped: int
     error: str | None
     predictions_dropped: int
+    memory_only: int = 0  # QoS 1 messages the outbox could not store (disk full): lost if the agent stops first
 
 
 @dataclass

@@ -252,7 +252,6 @@ class Deployer:
         except ManifestRejected as exc:
             self._report(DeployEvent(did, "rejected", error=str(exc)))
             return
-        self.release.accept(manifest)
         self.last_deployment = did
         resumed = self.journal.state(did) is not None
         self._report(DeployEvent(did, "received", resumed=resumed,
@@ -275,6 +274,7 @@ class Deployer:
 
     def _deploy(self, raw: dict, m: DeploymentManifest) -> None:
         did, spec = m.deployment_id, m.model
+        self.release.accept(m)  # before anything is applied (an OSError here, e.g. a full disk: failed)
         limit = self.cfg.deploy.max_model_mb * 2**20
         if spec.size > limit:
             raise ManifestRejected(f"model is {spec.size / 2**20:.1f} MB; this device accepts at most "

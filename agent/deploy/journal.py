@@ -73,11 +73,16 @@ class Journal:
         entry = {"deployment_id": deployment_id, "state": state, "ts": time.time(), "reason": reason, **extra}
         with self._lock:
             self._state[deployment_id] = entry
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-                f.flush()
-                if state in APPLIED_STATES:
-                    os.fsync(f.fileno())
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                    f.flush()
+                    if state in APPLIED_STATES:
+                        os.fsync(f.fileno())
+            except OSError as exc:  # a full disk: the event still goes out; this run remembers the state
+                log.error("journal %s: cannot record %s %s (%s); kept in memory until a restart",
+                          self.path, deployment_id, state, exc.strerror or exc)
+                return
             self._appended += 1
             if self._appended >= COMPACT_AFTER_LINES:
                 self._compact()

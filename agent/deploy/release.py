@@ -102,8 +102,13 @@ class ReleaseCounter:
         if m.counter is None or (self.highest is not None and m.counter <= self.highest.counter):
             return
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"counter": m.counter, "deployment_id": m.deployment_id}))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps({"counter": m.counter, "deployment_id": m.deployment_id}))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, f"cannot record the release counter in {self.path}: "
+                                     f"{exc.strerror or exc}") from None
         self.highest = Accepted(m.counter, m.deployment_id)

@@ -62,8 +62,12 @@ def load_checked(path: Path, choose: Callable[[str], RuntimeChoice], **kw) -> Lo
     when that works, loaded so with the reason in ``choice.reason`` (status shows it). Ordinary load
     errors are left to the real load, which raises them with all their detail.
     """
+    def trial(pick: Callable[[str], RuntimeChoice]) -> None:
+        logging.disable(logging.INFO)  # in the child only: the real load below logs what it does
+        load_model(path, pick, **kw).close()
+
     try:
-        in_child(lambda: load_model(path, choose, **kw).close(), timeout=TRIAL_TIMEOUT_S, what=f"loading {path.name}")
+        in_child(lambda: trial(choose), timeout=TRIAL_TIMEOUT_S, what=f"loading {path.name}")
     except ChildCrashed as crash:
         choice = choose(detect_format(path))
         picked = backend(choice.backend)
@@ -73,7 +77,7 @@ def load_checked(path: Path, choose: Callable[[str], RuntimeChoice], **kw) -> Lo
         safe = dataclasses.replace(safe, reason=f"{safe.reason} ({crash} on {choice.accelerator})")
         log.error("%s; trying %s", crash, picked.safe_mode)
         try:
-            in_child(lambda: load_model(path, lambda _fmt: safe, **kw).close(), timeout=TRIAL_TIMEOUT_S,
+            in_child(lambda: trial(lambda _fmt: safe), timeout=TRIAL_TIMEOUT_S,
                      what=f"loading {path.name} with {picked.safe_mode}")
         except ChildCrashed as again:
             raise ModelLoadError(f"{path}: {crash}; {again}") from None

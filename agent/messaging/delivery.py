@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import suppress
 
 import paho.mqtt.client as paho
 
@@ -36,6 +37,8 @@ class DurableSender:
         self.rate, self.window = rate, window
         self.errors = 0
         self.last_error: str | None = None
+        self.memory_only = 0  # messages the outbox could not store (disk full): in paho's memory only
+        self.lost = 0  # of those, ones paho would not take either (its queue full): gone, and counted
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         # on_publish for mids not in flight: a PUBACK that beat the bookkeeping below, or (far more
@@ -53,7 +56,9 @@ class DurableSender:
 
     @property
     def dropped(self) -> int:
-        return self.outbox.dropped if self.outbox else 0
+        """Every QoS 1 message given up on: the outbox's oldest (over its bound, or its disk nearly
+        full) and ones neither the disk nor paho's memory could take."""
+        return (self.outbox.dropped if self.outbox else 0) + self.lost
 
     def start(self) -> None:
         if self.outbox is not None:
@@ -78,12 +83,23 @@ class DurableSender:
             try:
                 self.outbox.put(topic, payload, qos=qos, retain=retain, lane=CONTROL if control else DATA)
                 self._wake.set()
+                if self.last_error is not None:
+                    log.warning("outbox: storing messages again (after %d that were not)", self.errors)
+                    self.last_error = None
                 return
             except OutboxError as exc:
                 self.errors += 1
+                self.memory_only += 1
                 if self.errors == 1 or self.errors % 100 == 0 or str(exc) != self.last_error:
                     log.error("%s; sending from memory only (%d such errors)", exc, self.errors)
                 self.last_error = str(exc)
+            if not self.link.fits(topic, payload):
+                self.link.too_large(topic, payload)  # counted there
+                return
+            # While the broker is away paho keeps a QoS 1 message queued; refused only when its queue is full.
+            if self.link.client.publish(topic, payload, qos=qos, retain=retain).rc == paho.MQTT_ERR_QUEUE_SIZE:
+                self.lost += 1
+            return
         self.link.publish(topic, payload, qos=qos, retain=retain)
 
     def _on_puback(self, mid: int) -> None:
@@ -100,13 +116,14 @@ class DurableSender:
                     if self._heard.get(old) == t:
                         del self._heard[old]
                 return
-        self._ack(oid)
+            # Booked before the lock is let go: _next must see it in flight or booked, never neither.
+            self._ack(oid)
 
     def _ack(self, oid: int) -> None:
-        try:
-            self.outbox.ack(oid)  # type: ignore[union-attr]
-        except OutboxError as exc:  # disk full: the row stays and is sent again later (at least once)
-            self.last_error = str(exc)
+        # Booked at once (never offered again), deleted by the sender's next turn, many in one
+        # transaction: one commit per PUBACK capped draining at about 300 messages/s here.
+        self.outbox.acked(oid)  # type: ignore[union-attr]
+        self._wake.set()
 
     def _run(self) -> None:
         assert self.outbox is not None
@@ -115,26 +132,32 @@ class DurableSender:
         while not self._stop.is_set():
             self._wake.wait(0.2)
             self._wake.clear()
+            try:
+                self.outbox.delete_acked()  # PUBACKs heard since the last turn, and deletes a full disk refused
+            except OutboxError as exc:
+                self.last_error = str(exc)
             if not self.link.connected:
                 continue
             with self._lock:
                 room = self.window - len(self._inflight)
             if room <= 0:
                 continue
+            now = time.monotonic()
+            tokens = min(float(self.window), tokens + (now - last) * self.rate)
+            last = now
+            if tokens < 1:  # a backlog goes out at `rate`, so a thin uplink is not swamped
+                self._stop.wait((1 - tokens) / self.rate)
+                # the wait earned exactly this token: counting it again from `last` doubled the rate
+                tokens, last = 1.0, time.monotonic()
             try:
-                batch = self._next(room)
+                # Only what may go out now: a control message that arrives meanwhile is picked next turn,
+                # not after a batch that the rate spreads over seconds.
+                batch = self._next(min(room, int(tokens)))
             except OutboxError as exc:
                 self.last_error = str(exc)
                 continue
             paho_full = False
             for msg in batch:
-                now = time.monotonic()
-                tokens = min(float(self.window), tokens + (now - last) * self.rate)
-                last = now
-                if tokens < 1:  # a backlog goes out at `rate`, so a thin uplink is not swamped
-                    self._stop.wait((1 - tokens) / self.rate)
-                    # the wait earned exactly this token: counting it again from `last` doubled the rate
-                    tokens, last = 1.0, time.monotonic()
                 if not self.link.connected or self._stop.is_set():
                     break
                 if not self.link.fits(msg.topic, msg.payload):  # it would break the link on every try
@@ -161,6 +184,8 @@ class DurableSender:
                 self._stop.wait(0.1)  # paho's queue drains as the broker acknowledges
             if batch:
                 self._wake.set()  # more may be waiting
+        with suppress(OutboxError):
+            self.outbox.delete_acked()  # what was acknowledged is not sent again after a restart
 
     def _next(self, room: int) -> list:
         """Up to ``room`` messages not in flight: control, then live (the newest), then the backlog."""

@@ -26,6 +26,12 @@ _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Primary sqlite result codes -> the OS condition behind them, for a message a user can act on.
 _ERRNO_HINTS = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCES}
 _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+# Disk: the outbox never takes its filesystem below RESERVE_BYTES free (an eighth of a small one):
+# past that it reuses the pages of its oldest messages (dropped, counted) instead of growing, so the
+# WAL and the deletes of acknowledged rows always find room. The WAL is checkpointed (and cut back)
+# at half the reserve: 4 MiB as sqlite does by default, less on a small filesystem.
+RESERVE_BYTES = 8 * 2**20
+PAGE = 4096
 
 # AUTOINCREMENT: ids are never reused, even once the table was empty, so they stay a send order.
 # lane: CONTROL (deployment events, health: few, and someone waits for them) goes out before DATA
@@ -90,6 +96,8 @@ class Outbox:
         self._sync = synchronous.upper()
         self._lock = threading.Lock()
         self._dropped = 0
+        self._acked: set[int] = set()  # acknowledged, but the delete failed (disk full): retried, never resent
+        self._room_left, self._room_at = 0, 0.0  # the disk's room, as last looked up (see _room)
         _make_dirs(self.path.parent)
         if not self.path.exists():
             _create_file(self.path)
@@ -111,14 +119,17 @@ class Outbox:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")
-            conn.execute("PRAGMA journal_size_limit=4194304")  # truncate a grown WAL after checkpoints
+            wal = max(self._disk()[1] // 2, 16 * PAGE)
+            conn.execute(f"PRAGMA journal_size_limit={wal}")  # truncate a grown WAL after checkpoints
+            conn.execute(f"PRAGMA wal_autocheckpoint={wal // PAGE}")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":  # readable header but damaged pages: would fail later, mid-run
                 raise sqlite3.DatabaseError(f"quick_check: {check}")
             conn.executescript(_SCHEMA)
             if "lane" not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}:  # an older outbox
                 conn.execute("ALTER TABLE messages ADD COLUMN lane INT NOT NULL DEFAULT 1")
-            conn.execute("CREATE INDEX IF NOT EXISTS messages_by_lane ON messages (lane, id)")
+            # Control messages are few: a partial index finds them without costing each prediction's insert.
+            conn.execute("CREATE INDEX IF NOT EXISTS control_messages ON messages (id) WHERE lane = 0")
         except BaseException:
             conn.close()
             raise
@@ -182,16 +193,44 @@ class Outbox:
         cost = len(topic.encode()) + len(data) + ROW_OVERHEAD
         if cost > self.max_bytes:  # misconfiguration, not a full queue: it could never fit
             raise ValueError(f"message of {cost} bytes exceeds the whole outbox bound ({self.max_bytes} bytes)")
+        why = f"over {self.max_bytes / 2**20:.1f} MB"
         with self._tx("put") as (conn, delta):
             dropped = freed = 0
             if self._bytes + cost > self.max_bytes:  # batch down to 90% so a full outbox isn't 1 delete/put
                 dropped, freed = self._drop_oldest(conn, self._bytes + cost - int(self.max_bytes * 0.9))
+            elif self._room(conn, cost) < cost * 2:  # its pages would take the last free space
+                disk = self._disk(conn)
+                why = f"on a disk nearly full (it keeps {disk[1] / 2**20:.1f} MB free)"
+                dropped, freed = self._drop_oldest(conn, max(cost, self._bytes // 10))
+                if not dropped:
+                    raise OutboxError(f"outbox {self.path}: the disk is nearly full ({disk[0] / 2**20:.1f} MB to use; "
+                                      f"the outbox keeps {disk[1] / 2**20:.1f} MB free for its log and deletes)")
             sql = "INSERT INTO messages (topic, payload, qos, retain, created, lane) VALUES (?, ?, ?, ?, ?, ?)"
             msg_id = conn.execute(sql, (topic, data, qos, int(retain), time.time(), lane)).lastrowid
             delta[:] = [cost - freed, dropped]
         if delta[1]:
-            log.warning("outbox %s over %.1f MB: dropped %d oldest messages", self.path, self.max_bytes / 2**20, delta[1])
+            log.warning("outbox %s %s: dropped %d oldest messages", self.path, why, delta[1])
         return int(msg_id or 0)  # always set after an INSERT; `or 0` only narrows the type
+
+    def _room(self, conn: sqlite3.Connection, cost: int) -> int:
+        """Bytes the outbox may still take (``_disk``), looked up once a second, or at every put when it
+        runs short (a put takes more than its cost: pages, the WAL); meanwhile each put takes its cost
+        off the last figure."""
+        now = time.monotonic()
+        if self._room_left < 64 * cost + 2**20 or now - self._room_at > 1.0:  # near the end: every put
+            free, reserve = self._disk(conn)
+            self._room_left, self._room_at = free - reserve, now
+        self._room_left -= cost
+        return self._room_left + cost
+
+    def _disk(self, conn: sqlite3.Connection | None = None) -> tuple[int, int]:
+        """(bytes the outbox can still use: free on its filesystem, plus free pages inside the database
+        when ``conn`` is given; bytes it must leave free on the filesystem: the reserve)."""
+        st = os.statvfs(self.path.parent)
+        inside = 0
+        if conn is not None:
+            inside = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+        return st.f_bavail * st.f_frsize + inside, min(RESERVE_BYTES, st.f_blocks * st.f_frsize // 8)
 
     @staticmethod
     def _drop_oldest(conn: sqlite3.Connection, need: int) -> tuple[int, int]:
@@ -215,7 +254,8 @@ class Outbox:
              newest: bool = False) -> list[OutboxMessage]:
         """Up to ``limit`` waiting messages with id > ``after_id`` (of one ``lane``, not in ``exclude``),
         oldest first, or the newest ones (still returned oldest first) with ``newest``."""
-        skip = tuple(exclude)
+        with self._lock:
+            skip = (*exclude, *self._acked)
         where = "id > ?" + ("" if lane is None else " AND lane = ?") + (f" AND id NOT IN ({','.join('?' * len(skip))})"
                                                                        if skip else "")
         sql = (f"SELECT id, topic, payload, qos, retain, created FROM messages WHERE {where} "
@@ -229,10 +269,37 @@ class Outbox:
         self.ack_many((msg_id,))
 
     def ack_many(self, ids: Iterable[int]) -> None:
-        """Remove several acknowledged messages in one transaction."""
-        unique = sorted(set(ids))
+        """Remove several acknowledged messages in one transaction.
+
+        When the delete fails (a disk filled by something else), the ids are kept and never sent
+        again; each later ack, and ``delete_acked``, deletes them once the disk has room.
+        """
+        with self._lock:
+            self._acked.update(ids)
+            unique = sorted(self._acked)
         if not unique:
             return
+        try:
+            self._delete(unique)
+        except OutboxError:
+            with self._lock:  # a checkpoint makes the WAL start over in the space it has: the next try may fit
+                with suppress(sqlite3.Error):
+                    self._require_open().execute("PRAGMA wal_checkpoint(RESTART)")
+            raise
+        with self._lock:
+            self._acked.difference_update(unique)
+
+    def acked(self, msg_id: int) -> None:
+        """Book one message as acknowledged: never offered again; ``delete_acked`` removes it."""
+        with self._lock:
+            self._acked.add(msg_id)
+
+    def delete_acked(self) -> None:
+        """Delete what was booked as acknowledged, and what a full disk refused to delete (no-op when none)."""
+        if self._acked:
+            self.ack_many(())
+
+    def _delete(self, unique: list[int]) -> None:
         with self._tx("ack") as (conn, delta):
             for i in range(0, len(unique), 500):  # stay below sqlite's bound-parameter limit
                 chunk = unique[i : i + 500]
@@ -241,8 +308,10 @@ class Outbox:
             conn.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in unique))
 
     def depth(self) -> int:
-        """Number of messages waiting."""
-        return self._query("SELECT COUNT(*) FROM messages")[0][0]
+        """Number of messages waiting (not counting acknowledged ones whose delete is still due)."""
+        with self._lock:
+            acked = tuple(self._acked)
+        return self._query(f"SELECT COUNT(*) FROM messages WHERE id NOT IN ({','.join('?' * len(acked))})", acked)[0][0]
 
     def size_bytes(self) -> int:
         """Approximate bytes waiting: payload + topic + a small fixed per-row overhead (O(1))."""
