@@ -465,3 +465,13 @@ def test_installed_default_config_finds_the_bundled_model(tmp_path):
         [sys.executable, "-c", "from agent.config import load_config; import sys; print(load_config(sys.argv[1]).model.path)",
          str(root / "etc/edge-agent/agent.yaml")], capture_output=True, text=True, cwd=tmp_path,
         env={**os.environ, "EDGE_AGENT_SHARE": str(share), "PYTHONPATH": str(REPO)}).stdout
+
+
+def test_every_folder_of_the_package_goes_into_the_wheel():
+    # `packages = find:` skips a folder without __init__.py: an editable install hides it, and an
+    # installed agent (packaging/install.sh, a Pi) dies with "No module named 'agent.deploy'".
+    from setuptools import find_packages
+
+    found = set(find_packages(str(REPO), include=["agent", "agent.*"]))
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "agent").rglob("*.py")}
+    assert folders - found == set()
