@@ -360,8 +360,9 @@ def test_the_agent_ignores_other_devices_topics(broker, recorder_factory, agent_
 def test_a_reply_too_large_for_the_broker_is_refused_with_a_reason_and_the_link_stays_up(tmp_path,
                                                                                           recorder_factory,
                                                                                           agent_factory):
-    # AWS IoT Core takes at most 128 KiB; this broker 16 KiB, and says so in its MQTT 5 CONNACK
-    broker = Broker(tmp_path, extra_conf="max_packet_size 16384\n")
+    # AWS IoT Core takes at most 128 KiB; this broker 12 KiB, and says so in its MQTT 5 CONNACK
+    # (a snapshot of the synthetic frame is 15.7 to 17.5 KB: 16 KiB made this test pass now and then)
+    broker = Broker(tmp_path, extra_conf="max_packet_size 12288\n")
     broker.start()
     try:
         cfg = agent_config(broker, tmp_path, camera={"source": "synthetic", "fps": 15, "width": 1280, "height": 960})
@@ -371,7 +372,7 @@ def test_a_reply_too_large_for_the_broker_is_refused_with_a_reason_and_the_link_
         r = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(agent.config_path), "snapshot",
                             "--out", str(tmp_path / "s.jpg"), "--timeout", "20"],
                            capture_output=True, text=True, cwd=REPO, timeout=60)
-        assert r.returncode == 1 and "the broker takes at most 16384" in r.stderr, r.stderr
+        assert r.returncode == 1 and "the broker takes at most 12288" in r.stderr, r.stderr
         n = len(rec.json("/predictions"))
         rec.wait_json("/predictions", count=n + 10)  # still connected and publishing
         assert "disconnected from" not in agent.log(), agent.log()[-2000:]
