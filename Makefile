@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export VENV
 
-.PHONY: run test lint assets clean
+.PHONY: run test lint assets clean arm64-check arm64-clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,11 @@ assets: $(VENV)/.run-deps
 
 clean:
 	rm -rf $(VENV) $(LEGACY) .state .pytest_cache build *.egg-info
+
+# The agent installed from PyPI into an arm64 Debian 12 root under qemu-user, run on a photo (root; ~1-2 GB in
+# .arm64-root/, which `make clean` keeps). See docs/platform.md.
+arm64-check:
+	bash scripts/arm64_check.sh
+
+arm64-clean:
+	bash scripts/arm64_check.sh clean
