@@ -217,8 +217,9 @@ def test_an_outage_on_a_nearly_full_disk_never_fills_it_counts_every_loss_and_dr
     broker.start()
     sub = None
     try:
+        # full rate fills the little room quickly; an outbox rate above it lets the backlog drain after
         cfg = agent_config(broker, tmp_path, state_dir=str(state), camera={"fps": 0},
-                           mqtt={"url": broker.url, "predictions_qos": 1})
+                           mqtt={"url": broker.url, "predictions_qos": 1, "outbox_rate": 5000})
         sub = DurableSubscriber(broker, f"edge/{cfg['device_id']}/predictions")
         agent = agent_factory(cfg).start()
         wait_until(lambda: len(sub.messages) >= 10, 30, what="predictions before the outage")
