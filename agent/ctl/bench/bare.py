@@ -60,12 +60,17 @@ def bare_serve(model_path: Path, threads: int) -> None:
                       "accelerator": session.info.accelerator}))
 
 
-class BareChild:
-    """``bare_serve`` in a child process, paused and resumed by the parent."""
+MINIMAL = Path(__file__).with_name("minimal.py")
 
-    def __init__(self, model_path: Path, threads: int):
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.ctl.bench.bare", str(model_path), str(threads)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+class BareChild:
+    """A bare loop in a child process, paused and resumed by the parent: ``bare_serve`` (the agent's own
+    session settings) or, with ``runtime``, minimal.py (that runtime's defaults, nothing of the agent)."""
+
+    def __init__(self, model_path: Path, threads: int, runtime: str | None = None):
+        cmd = ([sys.executable, str(MINIMAL), str(model_path), str(threads), runtime] if runtime else
+               [sys.executable, "-m", "agent.ctl.bench.bare", str(model_path), str(threads)])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         if self.proc.stdout.readline().strip() != "ready":  # loaded and warm, or dead
             _, err = self.proc.communicate()
             raise RuntimeError(f"bare run failed: {(err.strip().splitlines() or ['?'])[-1]}")

@@ -1,9 +1,12 @@
 """The bench's measurements: the bare loop and the agent taking turns at full rate, then the agent at 15 fps.
 
-Bare: the runtime invoked back to back on a ready input tensor, in a child process (its RSS is its
-own). Agent: the daemon as a subprocess (capture at 640x480, preprocess, inference, decode, MQTT
-publish to a private mosquitto), measured from a subscriber. At full rate the two take turns in
-1 s slices, each paused (SIGSTOP) while the other runs, so a shared machine whose speed drifts
+Bare, twice: the runtime invoked back to back on a ready input tensor, each in a child process of its
+own (its RSS is its own): once as a user's hand-written loop runs it (minimal.py: numpy and the
+runtime only, the runtime's defaults but the thread count: the figure the ratio is against), once
+with the agent's own session settings (bare.py), so the cost of those settings and the cost of the
+rest of the agent are seen apart. Agent: the daemon as a subprocess (capture at 640x480, preprocess, inference, decode, MQTT
+publish to a private mosquitto), measured from a subscriber. At full rate the three take turns in
+1 s slices, each paused (SIGSTOP) while another runs, so a shared machine whose speed drifts
 from second to second slows both alike; then the agent alone at 15 fps for capture→subscriber
 latency and CPU.
 """
@@ -159,42 +162,57 @@ def take_turns(procs: dict, turns: int, slice_s: float, label: str = "") -> dict
     return windows
 
 
-def full_rate(model_path: Path, threads: int, seconds: float, source: str, work: Path, broker: LocalBroker) -> dict:
-    """Bare loop and agent at full rate, taking turns in short slices (each paused while the other runs)."""
+def _bare_figures(b: dict, windows: list[tuple[float, float]]) -> dict:
+    """fps inside its own windows, and the p50/p99 of the invokes that ran wholly inside them."""
+    ends = np.asarray(b["ends"])
+    starts = ends - np.asarray(b["durations"])
+    inside = np.zeros(len(ends), bool)
+    for a, z in windows:
+        inside |= (starts >= a) & (ends <= z)
+    ms = list(np.asarray(b["durations"])[inside] * 1e3)
+    return {"fps": rate_in(ends, windows), "slice_fps": [rate_in(ends, [w]) for w in windows],
+            "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "rss_mb": b["rss_mb"]}
+
+
+def full_rate(model_path: Path, threads: int, seconds: float, source: str, work: Path, broker: LocalBroker,
+              runtime: str) -> dict:
+    """At full rate, taking turns in short slices (each paused while another runs): the bare loop with the
+    runtime's defaults (``runtime``, in a process of numpy and that runtime only), the bare loop with the
+    agent's own session settings, and the agent."""
     n = max(2, round(seconds / SLICE_S))
     slice_s = seconds / n
-    bare = BareChild(model_path, threads)
-    agent = None
+    procs: dict = {}
     try:
-        bare.pause()
-        agent = AgentRun(model_path, threads, source, 0, work, broker)
+        for name, child in (("default", lambda: BareChild(model_path, threads, runtime)),
+                            ("bare", lambda: BareChild(model_path, threads))):
+            procs[name] = child()
+            procs[name].pause()
+        procs["agent"] = agent = AgentRun(model_path, threads, source, 0, work, broker)
         agent.wait_started()
         agent.pause()
-        windows = take_turns({"bare": bare, "agent": agent}, n, slice_s, "bare and agent, full rate")
-        b = bare.finish()
+        windows = take_turns(procs, n, slice_s, "bare loops and agent, full rate")
+        d, b = procs["default"].finish(), procs["bare"].finish()
         agent.resume()
         time.sleep(0.3)  # the last messages reach the subscriber
         preds, health = agent.messages()
     finally:
-        bare.kill()
-        if agent is not None:
-            agent.stop()
-    ends = np.asarray(b["ends"])
-    starts = ends - np.asarray(b["durations"])
-    inside = np.zeros(len(ends), bool)
-    for a, z in windows["bare"]:
-        inside |= (starts >= a) & (ends <= z)
-    bare_ms = np.asarray(b["durations"])[inside] * 1e3
+        for name in ("default", "bare"):
+            if name in procs:
+                procs[name].kill()
+        if "agent" in procs:
+            procs["agent"].stop()
+    default, bare = _bare_figures(d, windows["default"]), _bare_figures(b, windows["bare"])
     agent_in = [p for _, p in preds if any(a <= p["ts"] <= z for a, z in windows["agent"])]
     made = [p["ts"] for _, p in preds]
     return {
-        "bare_fps": rate_in(ends, windows["bare"]),
-        "agent_fps": rate_in(made, windows["agent"]),
-        "slices": n, "bare_slice_fps": [rate_in(ends, [w]) for w in windows["bare"]],
+        "default_fps": default["fps"], "bare_fps": bare["fps"], "agent_fps": rate_in(made, windows["agent"]),
+        "slices": n, "default_slice_fps": default["slice_fps"], "bare_slice_fps": bare["slice_fps"],
         "agent_slice_fps": [rate_in(made, [w]) for w in windows["agent"]],
-        "bare_p50_ms": percentile(list(bare_ms), 50), "bare_p99_ms": percentile(list(bare_ms), 99),
+        "default_p50_ms": default["p50_ms"], "bare_p50_ms": bare["p50_ms"], "bare_p99_ms": bare["p99_ms"],
         "agent_inference_p50_ms": percentile([p["latency_ms"]["inference"] for p in agent_in], 50),
-        "bare_rss_mb": b["rss_mb"], "agent_rss_mb": max((h["rss_mb"] for h in health), default=0.0),
+        "default_rss_mb": default["rss_mb"], "bare_rss_mb": bare["rss_mb"],
+        "agent_rss_mb": max((h["rss_mb"] for h in health), default=0.0),
+        "default_imports_of_the_agent": d.get("modules", []),
         "frames_dropped": (health[-1]["frames_dropped"] - health[0]["frames_dropped"]) if health else 0,
         "backend": b["backend"], "accelerator": b["accelerator"],
     }
@@ -224,16 +242,26 @@ def paced(model_path: Path, threads: int, seconds: float, source: str, fps: floa
             "frames": len(window)}
 
 
+def _runtime_module(model_path: Path) -> str:
+    """The runtime module the agent's probe picks for this model: the one the default bare loop uses."""
+    from agent.runtimes.choice import chooser, probe
+    from agent.runtimes.registry import detect_format
+
+    return chooser(probe(check_runtimes="first"), model_path)(detect_format(model_path)).module
+
+
 def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: str = "synthetic") -> dict:
     from agent.runtimes import inference_threads
 
     threads = inference_threads(threads)
+    runtime = _runtime_module(model_path)
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     broker = LocalBroker(work).start()
     try:
-        full = full_rate(model_path, threads, seconds, source, work, broker)
-        _done("bare and agent, full rate", f"bare {full['bare_fps']:.1f} fps, agent {full['agent_fps']:.1f} fps "
-                                           f"({full['slices']} slices each)")
+        full = full_rate(model_path, threads, seconds, source, work, broker, runtime)
+        _done("bare loops and agent, full rate", f"bare {full['default_fps']:.1f} fps (defaults), "
+                                                 f"{full['bare_fps']:.1f} (agent's settings), agent "
+                                                 f"{full['agent_fps']:.1f} fps ({full['slices']} slices each)")
         slow = paced(model_path, threads, min(seconds, 10), source, 15, work, broker)
         _done("agent, 15 fps", f"{slow['cpu_percent']:.0f} % CPU, e2e p99 {slow['e2e_p99_ms']:.1f} ms")
     finally:
@@ -241,13 +269,17 @@ def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: st
     shutil.rmtree(work, ignore_errors=True)  # kept when something failed: the error names a log in it
     return {
         "model": str(model_path), "threads": threads, "backend": full["backend"], "accelerator": full["accelerator"],
-        "bare_fps": full["bare_fps"], "agent_fps": full["agent_fps"], "ratio": full["agent_fps"] / full["bare_fps"],
-        "overhead_ms_per_frame": 1000 / full["agent_fps"] - 1000 / full["bare_fps"], "slices": full["slices"],
-        "bare_slice_fps": full["bare_slice_fps"], "agent_slice_fps": full["agent_slice_fps"],
+        "runtime": runtime, "default_fps": full["default_fps"], "ratio": full["agent_fps"] / full["default_fps"],
+        "overhead_ms_per_frame": 1000 / full["agent_fps"] - 1000 / full["default_fps"],
+        "bare_fps": full["bare_fps"], "agent_fps": full["agent_fps"],
+        "ratio_agent_settings": full["agent_fps"] / full["bare_fps"], "slices": full["slices"],
+        "default_slice_fps": full["default_slice_fps"], "bare_slice_fps": full["bare_slice_fps"],
+        "agent_slice_fps": full["agent_slice_fps"], "default_p50_ms": full["default_p50_ms"],
         "bare_p50_ms": full["bare_p50_ms"], "bare_p99_ms": full["bare_p99_ms"],
         "agent_inference_p50_ms": full["agent_inference_p50_ms"],
         "e2e_p50_ms_15fps": slow["e2e_p50_ms"], "e2e_p99_ms_15fps": slow["e2e_p99_ms"],
         "inference_p99_ms_15fps": slow["inference_p99_ms"],
-        "bare_rss_mb": full["bare_rss_mb"], "agent_rss_mb": full["agent_rss_mb"],
+        "default_rss_mb": full["default_rss_mb"], "bare_rss_mb": full["bare_rss_mb"],
+        "agent_rss_mb": full["agent_rss_mb"], "default_imports_of_the_agent": full["default_imports_of_the_agent"],
         "cpu_percent_15fps": slow["cpu_percent"], "frames_dropped_full_rate": full["frames_dropped"],
     }
