@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS, Recorder
-from test_registries import MeanBackend, MeanSession, _brightest
+from conftest import MODELS
+from test_registries import MeanBackend, MeanSession, _brightest, serve
 
 from agent.config import parse_config
 from agent.ctl.local import format_report
@@ -97,19 +96,7 @@ def _agent_config(broker, model: Path, tmp_path: Path):
 
 
 def _serve(broker, cfg) -> tuple[dict, dict]:
-    """Start a real agent, return its online status and a prediction, stop it."""
-    rec = Recorder(broker, "edge/#")
-    agent = Agent(cfg)
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
-        status = rec.wait_json("crash-test/status", lambda m: m.get("state") == "online")[0]
-        pred = rec.wait_json("crash-test/predictions", lambda m: m.get("seq", 0) >= 3)[0]
-    finally:
-        agent.stop()
-        runner.join(15)
-        rec.close()
-    assert not runner.is_alive()
+    _, status, pred = serve(broker, cfg, seq=3)
     return status, pred
 
 

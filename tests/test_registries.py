@@ -87,6 +87,23 @@ def _brightest(specs, params):
     return decode
 
 
+def serve(broker, cfg, seq: int) -> tuple[Agent, dict, dict]:
+    """Run a real agent in this process until its status is online and a prediction has ``seq``; stop it."""
+    rec = Recorder(broker, "edge/#")
+    agent = Agent(cfg)
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        status = rec.wait_json(f"{cfg.device_id}/status", lambda m: m.get("state") == "online")[0]
+        pred = rec.wait_json(f"{cfg.device_id}/predictions", lambda m: m.get("seq", 0) >= seq)[0]
+    finally:
+        agent.stop()
+        runner.join(15)
+        rec.close()
+    assert not runner.is_alive()
+    return agent, status, pred
+
+
 @pytest.fixture
 def registered():
     runtimes.register(MeanBackend())
@@ -107,23 +124,13 @@ def mean_model(tmp_path: Path) -> Path:
 
 def test_a_registered_backend_and_task_serve_predictions_through_a_real_agent(registered, mean_model, broker,
                                                                              tmp_path):
-    rec = Recorder(broker, "edge/#")
     cfg = parse_config({
         "device_id": "reg-test", "mqtt": {"url": broker.url},
         "camera": {"source": "synthetic", "fps": 20, "width": 64, "height": 48},
         "model": {"path": str(mean_model)}, "runtime": {"backend": "meanrt", "accelerator": "cpu"},
         "health": {"interval_s": 1}, "state_dir": str(tmp_path / "state"), "log_level": "warning",
     }, environ={})
-    agent = Agent(cfg)
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
-        status = rec.wait_json("reg-test/status", lambda m: m.get("state") == "online")[0]
-        preds = rec.wait_json("reg-test/predictions", lambda m: m.get("seq", 0) >= 5)[0]
-    finally:
-        agent.stop()
-        runner.join(15)
-        rec.close()
+    agent, status, preds = serve(broker, cfg, seq=5)
     assert status["backend"] == "meanrt" and status["runtime"]["reason"] == "meanmodel → meanrt (the only one)"
     assert status["model"]["format"] == "meanmodel" and status["model"]["task"] == "brightest-channel"
     assert preds["task"] == "brightest-channel" and preds["model"] == {"name": "brightest", "version": "1.0", "format": "meanmodel",
@@ -131,7 +138,6 @@ def test_a_registered_backend_and_task_serve_predictions_through_a_real_agent(re
     [result] = preds["results"]
     assert result["label"] in ("red", "green", "blue") and result["score"] > 0
     assert agent.model.session.runs >= 5 + 2  # the frames above, after open_session's warm-up runs
-    assert not runner.is_alive()
 
 
 def test_the_registries_feed_config_the_probe_the_choice_and_the_manifest(registered, mean_model):

@@ -9,8 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -23,9 +21,8 @@ def bare_serve(model_path: Path, threads: int) -> None:
     counts the invokes that ended inside its own windows. On SIGTERM, prints every invoke's end
     time and duration, and the process RSS, as one JSON line.
     """
-    import psutil
-
     from agent.camera import SyntheticSource
+    from agent.ctl.bench.minimal import timed_loop
     from agent.inference.loader import load_model
     from agent.runtimes.choice import chooser, probe
 
@@ -44,20 +41,7 @@ def bare_serve(model_path: Path, threads: int) -> None:
         tensor, _ = model.preprocessor(frame)
         feed = {session.inputs[0].name: tensor.copy()}
         call = lambda: session.ort.run(None, feed)  # noqa: E731
-    for _ in range(10):
-        call()
-    ends, durations = array("d"), array("d")
-    print("ready", flush=True)
-    clock = time.time  # the parent's windows are in wall-clock time too
-    while not stop:
-        t = clock()
-        call()
-        e = clock()
-        ends.append(e)
-        durations.append(e - t)
-    print(json.dumps({"ends": ends.tolist(), "durations": durations.tolist(),
-                      "rss_mb": psutil.Process().memory_info().rss / 2**20, "backend": session.info.backend,
-                      "accelerator": session.info.accelerator}))
+    timed_loop(call, stop, session.info.backend, session.info.accelerator)
 
 
 MINIMAL = Path(__file__).with_name("minimal.py")

@@ -65,17 +65,13 @@ def tflite_loop(path: str, threads: int, module: str):
     return call, "tflite", "xnnpack"
 
 
-def main() -> None:
-    path, threads, runtime = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    call, backend, accelerator = onnx_loop(path, threads) if runtime == "onnxruntime" else \
-        tflite_loop(path, threads, runtime)
+def timed_loop(call, stop: list, backend: str, accelerator: str) -> None:
+    """Warm ``call`` up, say ``ready``, call it back to back until ``stop`` fills (SIGTERM), print the JSON line."""
     for _ in range(10):
         call()
     ends, durations = array("d"), array("d")
     print("ready", flush=True)
-    clock = time.time
+    clock = time.time  # the parent's windows are in wall-clock time too
     while not stop:
         t = clock()
         call()
@@ -85,6 +81,15 @@ def main() -> None:
     print(json.dumps({"ends": ends.tolist(), "durations": durations.tolist(), "rss_mb": _rss_mb(),
                       "backend": backend, "accelerator": accelerator, "modules": sorted(
                           m for m in sys.modules if m.split(".")[0] in ("agent", "cv2", "paho", "pydantic"))}))
+
+
+def main() -> None:
+    path, threads, runtime = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    stop: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    call, backend, accelerator = onnx_loop(path, threads) if runtime == "onnxruntime" else \
+        tflite_loop(path, threads, runtime)
+    timed_loop(call, stop, backend, accelerator)
 
 
 if __name__ == "__main__":
