@@ -288,3 +288,17 @@ def test_a_full_outbox_drops_predictions_before_control_messages(tmp_path: Path)
     kept = ob.peek(limit=10_000)
     assert kept[0].id == event and ob.dropped > 0  # the oldest message, and still there
     assert ob.size_bytes() <= ob.max_bytes
+
+
+def test_acknowledged_rows_removed_to_make_room_are_not_counted_as_dropped(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db", max_mb=1)
+    first = [ob.put("edge/cam/predictions", os.urandom(4000)) for _ in range(100)]
+    for i in first[:50]:
+        ob.acked(i)  # the broker has these; their delete is due on the sender's next turn
+    for _ in range(200):  # over 1 MB: the oldest rows make room, and half of those were delivered
+        ob.put("edge/cam/predictions", os.urandom(4000))
+    waiting = ob.peek(limit=10_000)
+    # every message put is delivered, waiting, or counted as dropped; none twice
+    assert ob.dropped + len(waiting) == 300 - 50
+    ob.delete_acked()
+    assert ob.depth() == len(waiting)

@@ -7,7 +7,8 @@ the outbox is sent again, so a crash can duplicate (boot_id + seq tell them apar
 
 What waits goes out in this order, all within the one rate: control messages (deployment events,
 health), then live predictions (made in the last LIVE_S; the newest that fit the window, in order),
-then the backlog, oldest first. So an operator's deployment and today's predictions never wait behind an outage's thousands.
+then the backlog, oldest first. So an operator's deployment and today's predictions never wait
+behind an outage's thousands.
 """
 
 from __future__ import annotations

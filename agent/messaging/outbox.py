@@ -96,7 +96,7 @@ class Outbox:
         self._sync = synchronous.upper()
         self._lock = threading.Lock()
         self._dropped = 0
-        self._acked: set[int] = set()  # acknowledged, but the delete failed (disk full): retried, never resent
+        self._acked: set[int] = set()  # acknowledged, not yet deleted (next turn, or once a full disk has room)
         self._room_left, self._room_at = 0, 0.0  # the disk's room, as last looked up (see _room)
         _make_dirs(self.path.parent)
         if not self.path.exists():
@@ -202,7 +202,7 @@ class Outbox:
                 disk = self._disk(conn)
                 why = f"on a disk nearly full (it keeps {disk[1] / 2**20:.1f} MB free)"
                 dropped, freed = self._drop_oldest(conn, max(cost, self._bytes // 10))
-                if not dropped:
+                if not freed:
                     raise OutboxError(f"outbox {self.path}: the disk is nearly full ({disk[0] / 2**20:.1f} MB to use; "
                                       f"the outbox keeps {disk[1] / 2**20:.1f} MB free for its log and deletes)")
             sql = "INSERT INTO messages (topic, payload, qos, retain, created, lane) VALUES (?, ?, ?, ?, ?, ?)"
@@ -232,19 +232,20 @@ class Outbox:
             inside = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
         return st.f_bavail * st.f_frsize + inside, min(RESERVE_BYTES, st.f_blocks * st.f_frsize // 8)
 
-    @staticmethod
-    def _drop_oldest(conn: sqlite3.Connection, need: int) -> tuple[int, int]:
-        """Delete oldest rows in one batch until ``need`` bytes are freed (down to ~90% of the bound)."""
+    def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> tuple[int, int]:
+        """Delete oldest rows in one batch until ``need`` bytes are freed (down to ~90% of the bound).
+
+        Rows already acknowledged go too but are not counted as dropped: the broker has them."""
         count = freed = 0
         doomed: list[int] = []
         cur = conn.execute(f"SELECT id, {_COST_SQL} FROM messages ORDER BY lane DESC, id")
         for msg_id, cost in cur:
-            count, freed = count + 1, freed + cost
+            count, freed = count + (msg_id not in self._acked), freed + cost
             doomed.append(msg_id)
             if freed >= need:
                 break
         cur.close()
-        if count:
+        if doomed:  # (acknowledged ids stay booked: their delete next turn finds nothing, as it should)
             conn.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in doomed))
             conn.execute("INSERT INTO meta VALUES ('dropped_total', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (count,))
