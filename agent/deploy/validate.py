@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import multiprocessing
-import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
-SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
+from agent.runtimes.isolated import SIGNAL_NAMES
 
 
 class ValidationFailed(RuntimeError):

@@ -51,7 +51,8 @@ def import_interpreter_module(name: str) -> ModuleType:
         import tensorflow as tf
 
         return types.SimpleNamespace(Interpreter=tf.lite.Interpreter,  # type: ignore[return-value]
-                                     load_delegate=tf.lite.experimental.load_delegate)
+                                     load_delegate=tf.lite.experimental.load_delegate,
+                                     OpResolverType=tf.lite.experimental.OpResolverType)  # safe mode's
     return importlib.import_module(module_path(name))
 
 
@@ -109,7 +110,7 @@ class TFLiteSession:
                 delegates = [mod.load_delegate(EDGETPU_LIBRARY)] if edgetpu else None
                 interp = mod.Interpreter(
                     model_path=path, num_threads=threads or None, experimental_delegates=delegates,
-                    **({} if xnnpack else _WITHOUT_XNNPACK(mod)),
+                    **({} if xnnpack else _without_xnnpack(mod)),
                 )
                 interp.allocate_tensors()
             except ValueError as exc:
@@ -168,7 +169,7 @@ def probe_model_path() -> Path:
     return Path(__file__).resolve().parents[2] / "models/face/blazeface.tflite"
 
 
-def _WITHOUT_XNNPACK(mod) -> dict:  # noqa: N802 - reads as the keyword arguments it is
+def _without_xnnpack(mod) -> dict:
     """Interpreter(...) keywords for TFLite's built-in kernels without its default delegate, XNNPACK."""
     return {"experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
 
@@ -180,7 +181,7 @@ def _load_with(name: str, xnnpack: bool = True) -> str | None:
     version = getattr(importlib.import_module(top), "__version__", None)
     # Importing is not enough: tflite-runtime 2.14 imports under numpy 2 but fails here.
     if probe_model_path().is_file():
-        extra = {} if xnnpack else _WITHOUT_XNNPACK(mod)
+        extra = {} if xnnpack else _without_xnnpack(mod)
         interp = mod.Interpreter(model_path=str(probe_model_path()), **extra)
         interp.allocate_tensors()
         interp.invoke()  # XNNPACK's kernels run only here (a CPU it misreads crashes here, not above)
