@@ -270,6 +270,11 @@ class FrameSlot:
             self._frames.append(frame)
             self._cond.notify()
 
+    def wake(self) -> None:
+        """Return a consumer waiting in ``take`` now, frame or not (it has other work)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def take(self, timeout: float) -> Frame | None:
         with self._cond:
             if not self._frames:

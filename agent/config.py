@@ -150,6 +150,59 @@ class DeployConfig(_Section):
         return v
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpConfig(_Section):
+    listen: str = Field("127.0.0.1:8080", description='host:port of the page, API and metrics; "" = off')
+    token_file: Path | None = Field(None, description="file holding the Bearer token; required off loopback")
+    cert_file: Path | None = Field(None, description="TLS certificate (PEM); with key_file, the server speaks https")
+    key_file: Path | None = None
+    max_viewers: int = Field(4, ge=1, le=64, description="MJPEG streams served at once; more get 503")
+    stream_fps: float = Field(10.0, gt=0, le=60, description="MJPEG frames per second at most")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v == "":
+            return v
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f'expected host:port (e.g. 127.0.0.1:8080, [::1]:8080, 0.0.0.0:8080) or "", got {v!r}')
+        return v
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def loopback(self) -> bool:
+        return self.host_port[0] in LOOPBACK_HOSTS or self.host_port[0].startswith("127.")
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpConfig:
+        if self.listen and not self.loopback and self.token_file is None:
+            raise ValueError(f"http.listen {self.listen} is not a loopback address: set http.token_file to a file "
+                             "holding a Bearer token (or listen on 127.0.0.1)")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("http.cert_file and http.key_file go together")
+        return self
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = Field(False, description="publish Home Assistant MQTT discovery (device-based)")
+    prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"expected a topic prefix without '#', '+' or a leading/trailing '/', got {v!r}")
+        return v
+
+
 class AgentConfig(_Section):
     device_id: str = Field(default_factory=socket.gethostname)
     groups: list[str] = Field(default_factory=list)
@@ -159,6 +212,8 @@ class AgentConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     state_dir: Path = Path("/var/lib/edge-agent")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -301,6 +356,10 @@ def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | 
     cfg.model.path = resolve_path(cfg.model.path, base)
     if cfg.model.labels is not None:
         cfg.model.labels = resolve_path(cfg.model.labels, base)
+    for section, key in (("http", "token_file"), ("http", "cert_file"), ("http", "key_file")):
+        value = getattr(getattr(cfg, section), key)
+        if value is not None:
+            setattr(getattr(cfg, section), key, resolve_path(value, base))
     cfg.state_dir = resolve_path(cfg.state_dir, base) if not cfg.state_dir.is_absolute() else cfg.state_dir
     return cfg
 

@@ -179,6 +179,7 @@ def agent_config(broker: Broker | None, tmp_path: Path, **overrides) -> dict:
         "model": {"path": str(MODELS / "blazeface.tflite")},
         "health": {"interval_s": 1},
         "state_dir": str(tmp_path / "state"),
+        "http": {"listen": ""},  # many agents run at once: each web test picks a free port itself
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

@@ -475,3 +475,18 @@ def test_every_folder_of_the_package_goes_into_the_wheel():
     found = set(find_packages(str(REPO), include=["agent", "agent.*"]))
     folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "agent").rglob("*.py")}
     assert folders - found == set()
+
+
+def test_the_device_page_goes_into_the_wheel(tmp_path):
+    # The page's files are package data: without setup.cfg's [options.package_data] an installed
+    # agent would fail at start with the HTTP server on (its default), not only in a checkout.
+    import zipfile
+
+    src = make_source(tmp_path, with_project=True)
+    out = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("edge_agent-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"agent/web/static/{n}" for n in ("index.html", "app.js", "app.css")} <= names

@@ -3,6 +3,7 @@ watchdog, health, reload, shutdown)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -15,14 +16,16 @@ from agent.camera import Capture, FrameSlot, make_source
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon.commands import Commands, SignedCommands
 from agent.daemon.health import HealthSampler, OutboxHealth
-from agent.daemon.status import device_status, snapshot
+from agent.daemon.status import device_status, snapshot, snapshot_jpeg
 from agent.daemon.systemd import Notifier
+from agent.daemon.webhooks import AgentBackend
 from agent.deploy.deployer import Deployer
 from agent.deploy.store import ModelStore
 from agent.inference.loaded import LoadedModel
 from agent.inference.loader import load_checked, load_model
 from agent.inference.pipeline import Pipeline
 from agent.messaging.delivery import DurableSender
+from agent.messaging.homeassistant import HomeAssistant
 from agent.messaging.link import MqttLink
 from agent.messaging.outbox import Outbox, OutboxError
 from agent.messaging.payloads import CommandReply, dumps
@@ -40,6 +43,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, config_path: Path | None = None):
         self.cfg = cfg
         self.config_path = config_path
+        self.ha: HomeAssistant | None = None
         self.notifier = Notifier()
         self.topics = Topics(cfg.mqtt.prefix, cfg.device_id)
         _require_state_dir(cfg.state_dir)
@@ -53,7 +57,7 @@ class Agent:
             cfg.mqtt, client_id=cfg.mqtt.client_id or f"edge-agent-{cfg.device_id}",
             will=(self.topics.status, dumps({"state": "offline"})),
             subscriptions=(),
-            on_connect=self.publish_status, on_message=self.on_message,
+            on_connect=lambda: self._on_connect(), on_message=self.on_message,
         )
         self.link.client.max_queued_messages_set(1000)
         self.durable = DurableSender(self.link, self._open_outbox(cfg), rate=cfg.mqtt.outbox_rate)
@@ -72,10 +76,32 @@ class Agent:
             "snapshot": lambda: CommandReply(True, result=snapshot(self.pipeline.last_frame)),
         }, signed=SignedCommands(cfg.device_id, lambda: self.deployer.trusted))
         self.health = HealthSampler(state_dir=cfg.state_dir if cfg.state_dir.exists() else None)
+        self.web_backend = AgentBackend(self)
+        self.web = self._web_server(cfg)
+        self.ha = self._home_assistant(cfg)
         self._stop = threading.Event()
         self._reload = threading.Event()
 
     # -- building -------------------------------------------------------------------------------
+    def _web_server(self, cfg: AgentConfig):
+        if not cfg.http.listen:
+            return None
+        from agent.web.server import WebServer  # aiohttp is imported only when the server is on
+
+        return WebServer(cfg.http, self.web_backend)
+
+    def _home_assistant(self, cfg: AgentConfig) -> HomeAssistant | None:
+        if not cfg.homeassistant.enabled:
+            return None
+        ha = HomeAssistant(self.topics, cfg.homeassistant.prefix,
+                           lambda topic, payload, retain: self.durable.submit(topic, payload, qos=1, retain=retain,
+                                                                              control=True),
+                           platform_model=self.facts.model, has_temperature=bool(self.health.zones),
+                           installed=lambda: self.model.info.version)
+        self.link.subscriptions = (*self.link.subscriptions, *ha.subscriptions)
+        self.publisher.observe = lambda pred: ha.on_prediction(pred.results)
+        return ha
+
     def _open_outbox(self, cfg: AgentConfig) -> Outbox | None:
         try:
             return Outbox(cfg.state_dir / "outbox.db", max_mb=cfg.mqtt.outbox_max_mb)
@@ -85,6 +111,8 @@ class Agent:
 
     def _publish_event(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         self.durable.submit(topic, payload, qos=qos, retain=retain, control=True)
+        if self.ha is not None and topic == self.topics.events:
+            self.ha.on_event(json.loads(payload))
         return True
 
     def _initial_model(self) -> LoadedModel:
@@ -134,9 +162,16 @@ class Agent:
     def publish_status(self) -> None:
         self.link.publish(self.topics.status, dumps(self.status_payload()), qos=1, retain=True)
 
+    def _on_connect(self) -> None:
+        self.publish_status()
+        if self.ha is not None:
+            self.ha.announce()
+
     def on_message(self, msg: paho.MQTTMessage) -> None:
         if msg.topic == self.topics.cmd:
             self.commands.on_message(msg.topic, msg.payload, bool(msg.retain))
+        elif self.ha is not None and self.ha.on_message(msg.topic, msg.payload):
+            pass
         elif not self.deployer.on_message(msg.topic, msg.payload, bool(msg.retain)):
             log.debug("ignoring a message on %s", msg.topic)
 
@@ -156,6 +191,8 @@ class Agent:
         self.link.start()
         self.publisher.start()
         self.pipeline.start()
+        if self.web is not None:
+            self.web.start()
         log.info("publishing predictions to %s on %s (watch: agent-ctl watch, or mosquitto_sub -t '%s/#' -v)",
                  self.topics.predictions, self.link.endpoint, self.topics.prefix)
         try:
@@ -207,7 +244,11 @@ class Agent:
         health.outbox = OutboxHealth(health.outbox_depth, self.durable.dropped, self.durable.last_error,
                                      self.publisher.dropped, self.durable.memory_only)
         health.notify_missed = self.notifier.missed
-        self.durable.submit(self.topics.health, dumps(health.to_json()), qos=1, retain=True, control=True)
+        sample = health.to_json()
+        self.web_backend.remember(sample)
+        self.durable.submit(self.topics.health, dumps(sample), qos=1, retain=True, control=True)
+        if self.ha is not None and (frame := self.pipeline.last_frame) is not None:
+            self.ha.publish_image(snapshot_jpeg(frame))
         self.notifier.status(f"{health.fps:.1f} fps; " + self._status_line())
 
     def reload(self) -> None:
@@ -254,6 +295,8 @@ class Agent:
     def shutdown(self) -> int:
         t0 = time.monotonic()
         self.notifier.stopping()
+        if self.web is not None:
+            self.web.stop()
         self.capture.stop()
         self.deployer.stop()
         self.pipeline.stop()

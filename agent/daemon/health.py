@@ -79,7 +79,7 @@ class HealthSampler:
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # first call primes the counter
         # Found once: searching sysfs every sample held the GIL beside the frame loop for milliseconds.
-        self._zones = sensors.thermal_zones(root)
+        self.zones = sensors.thermal_zones(root)
         self._throttled = sensors.throttled_path(root)
         self._last = (time.monotonic(), 0, 0)
 
@@ -111,7 +111,7 @@ class HealthSampler:
                             mqtt.oversize),
             cpu_percent=round(self._proc.cpu_percent(None), 1),
             rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
-            temperature_c=sensors.read_temperatures(zones=self._zones),
+            temperature_c=sensors.read_temperatures(zones=self.zones),
             throttled=throttled.to_json() if throttled else None,
             gpu=sensors.jetson_gpu_load(self.root),
             disk_free_mb=disk,

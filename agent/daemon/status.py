@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import cv2
+import numpy as np
 
 from agent import __version__
 from agent.camera import Frame
@@ -61,19 +62,36 @@ def device_status(state: str, *, device_id: str, groups: list[str], boot_id: str
         backend=info.backend, accelerator=info.accelerator,
         runtime=RuntimeInfo(info.module, list(info.providers), model.choice.reason if model.choice else None,
                             list(info.notes)),
-        model=model.info.to_json(), camera={"source": camera_source},
+        model={**model.info.to_json(), "precision": precision(model)}, camera={"source": camera_source},
     )
 
 
-def snapshot(frame: Frame | None) -> dict:
-    """The newest frame as a small JPEG (base64): what the snapshot command answers."""
-    if frame is None:
-        raise ValueError("no frame captured yet")
+def precision(model: LoadedModel) -> str:
+    """int8 when the model's tensors are quantised, float16 when its input is, else float32."""
+    specs = (*model.session.inputs, *model.session.outputs)
+    if any(s.quantized for s in specs):
+        return "int8"
+    return "float16" if any(s.dtype == np.float16 for s in model.session.inputs) else "float32"
+
+
+def _small(frame: Frame) -> tuple[bytes, int, int]:
     h, w = frame.image.shape[:2]
     scale = min(1.0, SNAPSHOT_MAX_WIDTH / w)
     img = cv2.resize(frame.image, (int(w * scale), int(h * scale))) if scale < 1 else frame.image
     ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
     if not ok:
         raise ValueError("could not encode the frame")
-    return {"frame_ts": frame.ts, "width": img.shape[1], "height": img.shape[0],
-            "jpeg": base64.b64encode(jpeg.tobytes()).decode()}
+    return jpeg.tobytes(), img.shape[1], img.shape[0]
+
+
+def snapshot_jpeg(frame: Frame) -> bytes:
+    """The frame as a JPEG at most SNAPSHOT_MAX_WIDTH wide (Home Assistant's image entity)."""
+    return _small(frame)[0]
+
+
+def snapshot(frame: Frame | None) -> dict:
+    """The newest frame as a small JPEG (base64): what the snapshot command answers."""
+    if frame is None:
+        raise ValueError("no frame captured yet")
+    jpeg, w, h = _small(frame)
+    return {"frame_ts": frame.ts, "width": w, "height": h, "jpeg": base64.b64encode(jpeg).decode()}

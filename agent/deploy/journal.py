@@ -87,5 +87,12 @@ class Journal:
             if self._appended >= COMPACT_AFTER_LINES:
                 self._compact()
 
+    def counts(self) -> dict[str, int]:
+        """How many deployments are in each state now (the last state of each id)."""
+        out: dict[str, int] = {}
+        for entry in list(self._state.values()):
+            out[entry["state"]] = out.get(entry["state"], 0) + 1
+        return out
+
     def latest(self, n: int = 20) -> list[dict]:
         return sorted(self._state.values(), key=lambda e: e["ts"])[-n:]

@@ -6,6 +6,7 @@ thread that publishes, so the loop goes straight back to the runtime for the nex
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -20,6 +21,9 @@ from agent.support.threads import name_this_thread
 from agent.vision.results import Result
 
 log = logging.getLogger(__name__)
+# Upper bounds (ms) of the inference-time histogram that /metrics exposes (seconds there); cumulated on read.
+INFERENCE_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+RECENT_FRAMES = 4  # frames kept so a viewer's picture matches the prediction drawn on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,9 @@ class PipelineStats:
     last_frame_mono: float = 0.0
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=2048))
     total_ms: deque = field(default_factory=lambda: deque(maxlen=2048))
+    # Every frame's inference time since start, by INFERENCE_BUCKETS_MS (the last slot: above them all).
+    inference_counts: list[int] = field(default_factory=lambda: [0] * (len(INFERENCE_BUCKETS_MS) + 1))
+    inference_sum_ms: float = 0.0
 
     @property
     def errors(self) -> int:
@@ -88,6 +95,9 @@ class Pipeline:
         self.stats = PipelineStats()
         self._seq = 0
         self.last_frame: Frame | None = None
+        self.recent: deque[Frame] = deque(maxlen=RECENT_FRAMES)
+        self.latest: Prediction | None = None  # the newest one decoded (set by finish)
+        self._aside: deque[_Aside] = deque()
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
         self._lock = threading.Lock()
@@ -131,11 +141,42 @@ class Pipeline:
                     return old
         return self._old_after_swap
 
+    def run_aside(self, job: Callable[[LoadedModel], object], timeout: float = 10.0) -> object:
+        """Run ``job(active model)`` on the frame loop between two frames and return what it returns.
+
+        For requests (an image posted to the HTTP API) that need the active model: the runtime is
+        only ever called from the frame loop, and the live stream's ``seq`` is not touched. Raises
+        TimeoutError when the loop does not get to it in time (a hung runtime), or what ``job`` raised.
+        """
+        aside = _Aside(job)
+        self._aside.append(aside)
+        self.slot.wake()
+        if not aside.done.wait(timeout):
+            try:
+                self._aside.remove(aside)
+            except ValueError:
+                pass  # taken just now: its result is dropped
+            raise TimeoutError(f"the frame loop did not run the request within {timeout:.0f} s")
+        if aside.error is not None:
+            raise aside.error
+        return aside.value
+
+    def _run_asides(self) -> None:
+        while self._aside:
+            aside = self._aside.popleft()
+            try:
+                aside.value = aside.job(self._model)
+            except Exception as exc:  # noqa: BLE001 - the caller gets it; the loop goes on
+                aside.error = exc
+            aside.done.set()
+
     def _run(self) -> None:
         name_this_thread("ea-frame-loop")
         stats = self.stats
         stats.last_frame_mono = time.monotonic()
         while not self._stop.is_set():
+            if self._aside:
+                self._run_asides()
             with self._lock:
                 if self._pending is not None:
                     self._old_after_swap, self._model = self._model, self._pending
@@ -152,6 +193,7 @@ class Pipeline:
         model = self._model
         stats = self.stats
         self.last_frame = frame
+        self.recent.append(frame)
         try:
             done = model.run(frame.image, frame.prepared, hand_off=True)
         except Exception as exc:  # noqa: BLE001 - a bad frame or model must not stop the loop
@@ -161,6 +203,8 @@ class Pipeline:
             return
         stats.processed += 1
         stats.inference_ms.append(done.inference_ms)
+        stats.inference_counts[bisect.bisect_left(INFERENCE_BUCKETS_MS, done.inference_ms)] += 1
+        stats.inference_sum_ms += done.inference_ms
         stats.last_frame_mono = time.monotonic()
         done.ts = time.time()
         done.frame_ts = frame.ts
@@ -190,4 +234,23 @@ class Pipeline:
         stats.total_ms.append(timings.total)
         self._seq += 1
         info = done.model.info
-        return Prediction(self._seq, self.boot_id, done.ts, done.frame_ts, info, info.task, timings, results)
+        pred = Prediction(self._seq, self.boot_id, done.ts, done.frame_ts, info, info.task, timings, results)
+        self.latest = pred
+        return pred
+
+    def frame_of(self, pred: Prediction | None) -> Frame | None:
+        """The frame ``pred`` was made from while it is among the recent ones, else the newest frame."""
+        for frame in reversed(self.recent):
+            if pred is not None and frame.ts == pred.frame_ts:
+                return frame
+        return self.last_frame
+
+
+class _Aside:
+    __slots__ = ("job", "done", "value", "error")
+
+    def __init__(self, job: Callable[[LoadedModel], object]):
+        self.job = job
+        self.done = threading.Event()
+        self.value: object = None
+        self.error: Exception | None = None

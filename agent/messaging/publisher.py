@@ -36,6 +36,8 @@ class PredictionPublisher:
         self.durable = durable
         self.finish = finish
         self.dropped = 0
+        self.published = 0  # predictions handed to the link or the outbox
+        self.observe: Callable[[Prediction], None] | None = None  # sees each prediction (the web page, Home Assistant)
         self.batches = 0  # sends of one or more predictions (health shows nothing of it; tests read it)
         self._q: queue.Queue[Any] = queue.Queue(maxsize)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
@@ -92,6 +94,7 @@ class PredictionPublisher:
         # hand the GIL to and fro once per message instead of once per batch.
         finish = self.finish
         payloads = []
+        pred = None
         for item in batch:
             try:
                 pred = finish(item) if finish is not None else item
@@ -99,6 +102,11 @@ class PredictionPublisher:
                     payloads.append(dumps(pred.to_json()))
             except Exception:  # noqa: BLE001
                 log.exception("encoding a prediction failed")
+        if self.observe is not None and pred is not None:
+            try:
+                self.observe(pred)  # the batch's newest
+            except Exception:  # noqa: BLE001
+                log.exception("a prediction observer failed")
         durable = self.durable if self.qos else None
         for payload in payloads:
             try:
@@ -106,5 +114,6 @@ class PredictionPublisher:
                     durable.submit(self.topic, payload, qos=self.qos)
                 else:
                     self.link.publish(self.topic, payload, qos=self.qos)
+                self.published += 1
             except Exception:  # noqa: BLE001
                 log.exception("publishing a prediction failed")
