@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian/Ubuntu packages edge-agent's scripts need, when missing and possible.
 #   scripts/setup-system.sh run    mosquitto (local broker), libsystemd-dev + pkg-config (systemd-python)
-#   scripts/setup-system.sh test   the above, plus systemd (systemd-analyze, for the unit file test) and,
-#                                  best effort, the linter for install.sh (its test skips, saying so, without it)
+#   scripts/setup-system.sh test   the above, plus systemd (systemd-analyze, for the unit file test), chromium
+#                                  and chromium-driver (the device page's browser test) and, best effort, the
+#                                  linter for install.sh (its test skips, saying so, without it)
 # Installs only as root or with passwordless sudo; otherwise prints what to install and carries on,
 # except for what the chosen target cannot work without (mosquitto for both).
 set -euo pipefail
@@ -13,6 +14,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(
 pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev pkg-config)
 if [ "$target" = test ]; then
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 fi
 optional=()
 if [ "$target" = test ] && ! command -v shellcheck >/dev/null 2>&1; then
@@ -51,6 +54,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 if [ "$target" = test ] && ! command -v systemd-analyze >/dev/null 2>&1; then
   echo "setup: systemd-analyze is required by the unit file test: sudo apt-get install systemd" >&2
+  exit 1
+fi
+if [ "$target" = test ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
+  echo "setup: chromium and chromium-driver are required by the device page's browser test:" >&2
+  echo "       sudo apt-get install chromium chromium-driver" >&2
   exit 1
 fi
 pkg-config --exists libsystemd 2>/dev/null || \

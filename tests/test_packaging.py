@@ -489,4 +489,4 @@ def test_the_device_page_goes_into_the_wheel(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (wheel,) = out.glob("edge_agent-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"agent/web/static/{n}" for n in ("index.html", "app.js", "app.css")} <= names
+    assert {f"agent/web/static/{n}" for n in ("index.html", "app.js", "app.css", "favicon.svg")} <= names

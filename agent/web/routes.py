@@ -24,8 +24,8 @@ MAX_IMAGE_BYTES = 20 * 2**20
 REQUEST_TIMEOUT_S = 15.0
 STREAM_SNDBUF = 128 * 1024
 STALLED_VIEWER_S = 10.0  # a viewer that takes no frame for this long is dropped
-STATIC = ("index.html", "app.js", "app.css")
-STATIC_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
+STATIC = ("index.html", "app.js", "app.css", "favicon.svg")
+STATIC_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 
 
 def error(status: int, message: str) -> web.Response:
@@ -53,6 +53,7 @@ class Routes:
         r.add_get("/", self.page)
         for name in STATIC[1:]:
             r.add_get(f"/static/{name}", self.static)
+        r.add_get("/favicon.ico", self.favicon)
         r.add_get("/latest.jpg", self.latest_jpg)
         r.add_get("/stream.mjpeg", self.stream)
         r.add_get("/api/v1/status", self.status)
@@ -77,6 +78,9 @@ class Routes:
         name = request.path.rsplit("/", 1)[1]
         return web.Response(body=self._static[name], content_type=STATIC_TYPES[name.rsplit(".", 1)[1]],
                             charset="utf-8", headers={"Cache-Control": "no-cache"})
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._static["favicon.svg"], content_type="image/svg+xml")
 
     # -- pictures ---------------------------------------------------------------------------------
     async def latest_jpg(self, request: web.Request) -> web.Response:
