@@ -185,3 +185,29 @@ def test_an_override_from_the_environment_is_named_in_its_error_and_the_file_is_
 def test_an_outbox_too_small_for_one_message_is_refused_by_the_config():
     lines = problems({"mqtt": {"outbox_max_mb": 0.0005}})
     assert lines == ["mqtt.outbox_max_mb: Input should be greater than or equal to 1, got 0.0005"]
+
+
+def test_http_off_loopback_needs_a_token_and_listen_must_be_host_port():
+    (p,) = problems({"http": {"listen": "0.0.0.0:8080"}})
+    assert p.startswith("http: http.listen 0.0.0.0:8080 is not a loopback address: set http.token_file")
+    open_ = parse_config({"http": {"listen": "0.0.0.0:8080", "token_file": "/etc/edge-agent/token"}}, environ={})
+    assert open_.http.host_port == ("0.0.0.0", 8080) and not open_.http.loopback
+    for loopback in ("127.0.0.1:8080", "[::1]:8080", "localhost:9", ""):
+        assert parse_config({"http": {"listen": loopback}}, environ={}).http.listen == loopback
+    for bad in ("8080", "host:", ":80", "h:99999", "h:http"):
+        assert problems({"http": {"listen": bad}})[0].startswith("http.listen: expected host:port"), bad
+    assert any("http.cert_file and http.key_file go together" in p for p in problems({"http": {"cert_file": "/c"}}))
+    assert problems({"homeassistant": {"prefix": "ha/#"}})[0].startswith("homeassistant.prefix: expected a topic prefix")
+
+
+def test_config_check_refuses_an_open_listen_without_a_token(tmp_path: Path):
+    bad = tmp_path / "open.yaml"
+    bad.write_text("http:\n  listen: 0.0.0.0:8080\n")
+    r = _run("agent.ctl", "config", "check", str(bad))
+    assert r.returncode == 2 and "http.token_file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_http_token_file_is_found_beside_the_config(tmp_path: Path):
+    (tmp_path / "token").write_text("x" * 32)
+    (tmp_path / "agent.yaml").write_text("http:\n  listen: 0.0.0.0:8080\n  token_file: token\n")
+    assert load_config(tmp_path / "agent.yaml").http.token_file == tmp_path / "token"
