@@ -5,9 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import cv2
@@ -202,6 +204,15 @@ def test_metrics_parse_as_prometheus_and_follow_the_agents_counters(web):
     wait_until(lambda: _metric(base, "edge_agent_frames_processed_total") > processed + 3, 10, what="counters going up")
 
 
+def png_bomb(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * (width + 1) * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
 def encode(img: np.ndarray, ext: str) -> bytes:
     ok, buf = cv2.imencode(ext, img)
     assert ok
@@ -234,7 +245,12 @@ def test_predict_finds_the_face_in_a_posted_photo_without_touching_the_streams_s
 def test_bad_requests_get_one_line_errors(web):
     cfg, agent, base, face = web
     assert post(base + "/api/v1/predict", b"not an image", "image/jpeg") == \
-        (400, {"error": "the body (12 bytes) is not an image OpenCV can read (JPEG or PNG)"})
+        (400, {"error": "the body (12 bytes) is not a JPEG or PNG"})
+    # 200 bytes on the wire that claim 30000x30000 pixels (2.7 GB decoded): refused before decoding
+    assert post(base + "/api/v1/predict", png_bomb(30000, 30000), "image/png") == \
+        (400, {"error": "the image is 30000x30000; at most 40 megapixels are taken"})
+    truncated = encode(astronaut(), ".jpg")[:5000]
+    assert post(base + "/api/v1/predict", truncated, "image/jpeg")[0] in (200, 400)  # a partial JPEG: decoded or refused, never a crash
     assert post(base + "/api/v1/predict", b"", "image/jpeg")[0] == 400
     assert post(base + "/api/v1/predict", b"x" * (21 * 2**20), "image/jpeg")[0] == 413
     assert post(base + "/api/v1/rollback", b"{}", "text/plain")[0] == 415  # a cross-site form cannot send JSON

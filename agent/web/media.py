@@ -6,6 +6,8 @@ viewer the agent does no extra work.
 
 from __future__ import annotations
 
+import struct
+
 import cv2
 import numpy as np
 
@@ -15,6 +17,7 @@ from agent.inference.pipeline import Prediction
 JPEG_QUALITY = 80
 MAX_WIDTH = 1280  # larger frames are scaled down for viewers
 BOUNDARY = "edgeagentframe"
+MAX_PIXELS = 40 * 10**6  # a posted image's size at most (8000x5000; 120 MB decoded)
 
 
 def annotate(image: np.ndarray, pred: Prediction | None) -> np.ndarray:
@@ -67,10 +70,39 @@ def mjpeg_part(data: bytes) -> bytes:
             + data + b"\r\n")
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's or JPEG's header, before anything is decoded; ValueError for other bytes.
+
+    A small file can claim a huge picture (a PNG of zeros compresses 1000:1): the size is checked
+    against MAX_PIXELS first, so a posted image cannot make the decoder take the device's memory.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(data):
+            if data[i] != 0xFF:
+                break
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+                i += 2
+                continue
+            (length,) = struct.unpack(">H", data[i + 2:i + 4])
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 9 <= len(data):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return w, h
+            i += 2 + length
+        raise ValueError("the JPEG has no frame header")
+    raise ValueError(f"the body ({len(data)} bytes) is not a JPEG or PNG")
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """A posted JPEG or PNG as a BGR image; ValueError when it is neither."""
+    """A posted JPEG or PNG as a BGR image; ValueError when it is neither or too large."""
     if not data:
         raise ValueError("the request has no image (send a JPEG or PNG body, or a multipart file)")
+    w, h = image_size(data)
+    if w * h > MAX_PIXELS or not (w and h):
+        raise ValueError(f"the image is {w}x{h}; at most {MAX_PIXELS // 10**6} megapixels are taken")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"the body ({len(data)} bytes) is not an image OpenCV can read (JPEG or PNG)")
