@@ -7,14 +7,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import MODELS
+from deploy_helpers import copy_model, ctl
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
-
-from conftest import MODELS
-from deploy_helpers import copy_model, ctl
 from test_web import get, start_web_agent
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

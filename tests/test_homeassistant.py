@@ -9,12 +9,12 @@ import re
 import cv2
 import numpy as np
 import paho.mqtt.client as paho
+from conftest import agent_config, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.messaging.homeassistant import HaTopics, HomeAssistant, detection_summary, discovery_payload
 from agent.messaging.topics import Topics
 from agent.vision.results import Detection
-from conftest import agent_config, wait_until
 
 # Entity platforms Home Assistant's MQTT integration discovers (the ones used here), and what each
 # must be given by its docs: a state or command topic.

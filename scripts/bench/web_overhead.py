@@ -148,7 +148,7 @@ def main() -> int:
             fps = alternate(health, procs, args.turns, args.turn_s)
             off, on = statistics.median(fps["http-off"]), statistics.median(fps["http-on"])
             print(f"  fps  http off {off:7.1f}   http on, no viewer {on:7.1f}   ratio {on / off:.3f}   "
-                  f"(per turn, on/off: {', '.join(f'{a / b:.3f}' for a, b in zip(fps['http-on'], fps['http-off']))})")
+                  f"(per turn, on/off: {', '.join(f'{a / b:.3f}' for a, b in zip(fps['http-on'], fps['http-off'], strict=False))})")
             time.sleep(2)
             rss = {k: [] for k in procs}
             for _ in range(5):
