@@ -252,6 +252,8 @@ class FrameSlot:
         self._frames: deque[Frame] = deque()
         self.depth = depth
         self.dropped = 0
+        self.takes = 0  # frames asked for by the consumer
+        self.waits = 0  # ... of which it had to wait for
 
     def put(self, frame: Frame) -> Frame | None:
         """Offer the newest frame (live sources); returns the unprocessed one it replaced, if any."""
@@ -277,7 +279,9 @@ class FrameSlot:
 
     def take(self, timeout: float) -> Frame | None:
         with self._cond:
+            self.takes += 1
             if not self._frames:
+                self.waits += 1  # the consumer is ahead of the camera (spin policy: camera-bound)
                 self._cond.wait(timeout)
             frame = self._frames.popleft() if self._frames else None
             self._cond.notify_all()  # a producer may be waiting for room

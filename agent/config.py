@@ -113,6 +113,8 @@ class RuntimeConfig(_Section):
     backend: str = Field("auto", description="auto, or a registered backend: tflite | onnxruntime")
     accelerator: Accelerator = "auto"
     threads: int = Field(0, ge=0, description="0 = every core on 2-3 cores, all but one on 4 or more")
+    spin: Literal["auto", "on", "off"] = Field("auto", description="thread pool spin-waiting between runs "
+                                               "(onnxruntime): auto tries it while inference-bound")
 
 
     @field_validator("backend")

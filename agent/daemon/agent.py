@@ -3,6 +3,7 @@ watchdog, health, reload, shutdown)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from agent.camera import Capture, FrameSlot, make_source
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon.commands import Commands, SignedCommands
 from agent.daemon.health import HealthSampler, OutboxHealth
+from agent.daemon.spinning import Respinner
 from agent.daemon.status import device_status, snapshot, snapshot_jpeg
 from agent.daemon.systemd import Notifier
 from agent.daemon.webhooks import AgentBackend
@@ -24,6 +26,7 @@ from agent.deploy.store import ModelStore
 from agent.inference.loaded import LoadedModel
 from agent.inference.loader import load_checked, load_model
 from agent.inference.pipeline import Pipeline
+from agent.inference.spin import SpinPolicy
 from agent.messaging.delivery import DurableSender
 from agent.messaging.homeassistant import HomeAssistant
 from agent.messaging.link import MqttLink
@@ -44,12 +47,16 @@ class Agent:
         self.cfg = cfg
         self.config_path = config_path
         self.ha: HomeAssistant | None = None
+        self.spin = SpinPolicy(cfg.runtime.spin)
+        self._swap_lock = threading.Lock()
         self.notifier = Notifier()
         self.topics = Topics(cfg.mqtt.prefix, cfg.device_id)
         _require_state_dir(cfg.state_dir)
         self.facts = probe(check_runtimes="first")
         self.store = ModelStore(cfg.state_dir / "models", keep=cfg.deploy.keep_versions)
         self.model = self._initial_model()
+        self.spin.set_applies(spin_applies(self.model))
+        self.respinner = Respinner(self, self.spin)
         self.source = make_source(cfg.camera, base=config_path.parent if config_path else None)
         self.slot = FrameSlot()
         self.capture = Capture(self.source, self.slot, fps=cfg.camera.fps, stall_s=cfg.camera.stall_s)
@@ -111,8 +118,11 @@ class Agent:
 
     def _publish_event(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         self.durable.submit(topic, payload, qos=qos, retain=retain, control=True)
-        if self.ha is not None and topic == self.topics.events:
-            self.ha.on_event(json.loads(payload))
+        if topic == self.topics.events:
+            event = json.loads(payload)
+            self.respinner.on_event(event)
+            if self.ha is not None:
+                self.ha.on_event(event)
         return True
 
     def _initial_model(self) -> LoadedModel:
@@ -137,7 +147,7 @@ class Agent:
         pick = chooser(self.facts, path, cfg.runtime.backend, cfg.runtime.accelerator)
 
         def choose(fmt: str) -> RuntimeChoice:
-            choice = pick(fmt)
+            choice = dataclasses.replace(pick(fmt), spin=self.spin.policy == "on" or self.spin.state.spinning)
             log.info("runtime: %s", choice.reason)
             return choice
 
@@ -148,16 +158,29 @@ class Agent:
 
     def _swap(self, new: LoadedModel) -> LoadedModel:
         """Make ``new`` the serving model between two frames; returns the old one, still open."""
-        old = self.pipeline.swap(new)
-        self.model = new
+        with self._swap_lock:
+            old = self.pipeline.swap(new)
+            self.model = new
+            self.spin.model_changed()
+            self.spin.set_applies(spin_applies(new))
         self.publish_status()
         return old
+
+    def swap_if_current(self, base: LoadedModel, new: LoadedModel) -> bool:
+        """Swap ``new`` (the same model reopened) in for ``base`` if ``base`` is still serving; closes ``base``."""
+        with self._swap_lock:
+            if self.model is not base:
+                return False
+            old = self.pipeline.swap(new)
+            self.model = new
+        old.close()
+        return True
 
     # -- MQTT -----------------------------------------------------------------------------------
     def status_payload(self, state: str = "online") -> dict:
         return device_status(state, device_id=self.cfg.device_id, groups=self.cfg.groups,
                              boot_id=self.pipeline.boot_id, facts=self.facts, model=self.model,
-                             camera_source=self.source.name).to_json()
+                             camera_source=self.source.name, spin=self.spin.state.to_json()).to_json()
 
     def publish_status(self) -> None:
         self.link.publish(self.topics.status, dumps(self.status_payload()), qos=1, retain=True)
@@ -208,6 +231,7 @@ class Agent:
         interval = self.cfg.health.interval_s
         next_health = time.monotonic() + min(interval, 2.0)
         next_ping = time.monotonic()
+        next_spin = next_ping + 1.0
         while not self._stop.is_set():
             now = time.monotonic()
             if not ready and self.pipeline.wait_first_frame(0):
@@ -219,6 +243,9 @@ class Agent:
             if wd and now >= next_ping and self.pipeline.alive(within_s=max(wd * 2, 5.0)):
                 self.notifier.watchdog()
                 next_ping = now + wd
+            if now >= next_spin:
+                self.respinner.tick(now)
+                next_spin = now + 1.0
             if now >= next_health:
                 self._publish_health()
                 next_health = now + self.cfg.health.interval_s
@@ -228,7 +255,7 @@ class Agent:
             # Until ready, look often; then wake only for what is due (at most 1 s: SIGHUP's reload flag).
             # A ping held back by a stalled frame loop is looked at again in 0.2 s, as before.
             ping_due = (next_ping if next_ping > now else now + 0.2) if wd else now + 1.0
-            due = min(next_health, ping_due, now + 1.0)
+            due = min(next_health, ping_due, next_spin, now + 1.0)
             self._stop.wait(0.05 if not ready else max(0.01, due - time.monotonic()))
 
     def _status_line(self) -> str:
@@ -271,6 +298,8 @@ class Agent:
                 log.warning("reload: %s changed; %s after a restart (systemctl restart edge-agent)",
                             ", ".join(stale), "it applies" if len(stale) == 1 else "they apply")
             if new.model != self.cfg.model or new.runtime != self.cfg.runtime:
+                if new.runtime.spin != self.cfg.runtime.spin:
+                    self.spin.reset(new.runtime.spin)
                 try:
                     model = self._load(new.model.path, configured=True, cfg=new)
                 except Exception as exc:  # noqa: BLE001 - keep serving the old model
@@ -324,6 +353,11 @@ def _needs_restart(old: AgentConfig, new: AgentConfig) -> list[str]:
 
     a, b = flat(old), flat(new)
     return [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(LIVE_KEYS)]
+
+
+def spin_applies(model: LoadedModel) -> bool:
+    """The spin-wait setting exists for onnxruntime's CPU provider (GPU providers: reopening costs an engine build)."""
+    return model.session.info.backend == "onnxruntime" and model.session.info.accelerator == "cpu"
 
 
 def _require_state_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ class RuntimeInfo:
     providers: list[str]
     reason: str | None
     notes: list[str]
+    spin: dict | None = None  # runtime.spin: policy, spinning now, why
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,14 @@ class Status:
 
 
 def device_status(state: str, *, device_id: str, groups: list[str], boot_id: str, facts: HardwareFacts,
-                  model: LoadedModel, camera_source: str) -> Status:
+                  model: LoadedModel, camera_source: str, spin: dict | None = None) -> Status:
     info = model.session.info
     return Status(
         state=state, ts=time.time(), device_id=device_id, groups=list(groups), boot_id=boot_id,
         agent_version=__version__, platform=PlatformInfo(facts.platform, facts.model, facts.arch),
         backend=info.backend, accelerator=info.accelerator,
         runtime=RuntimeInfo(info.module, list(info.providers), model.choice.reason if model.choice else None,
-                            list(info.notes)),
+                            list(info.notes), spin),
         model={**model.info.to_json(), "precision": precision(model)}, camera={"source": camera_source},
     )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.runtimes.base import RuntimeChoice, Session
+from agent.support import memory
 from agent.vision.geometry import Geometry
 from agent.vision.preprocess import Preprocessor
 from agent.vision.registry import Decoder
@@ -177,3 +178,4 @@ class LoadedModel:
 
     def close(self) -> None:
         self.session.close()
+        memory.give_back()

@@ -54,6 +54,16 @@ def load_model(path: Path, choose: Callable[[str], RuntimeChoice], *, task: str 
     return LoadedModel(info, session, preprocessor, decoder, choice)
 
 
+def reopen(model: LoadedModel, choice: RuntimeChoice, *, threads: int = 0, cache_dir: Path | None = None) -> LoadedModel:
+    """The same model on a new session made with ``choice`` (e.g. spin-waiting changed), warmed up.
+
+    Preprocessing and decoding are the old model's own objects: frames prepared for one feed the other.
+    """
+    session = open_session(Path(model.info.path), choice, threads=threads, cache_dir=cache_dir,
+                           model_sha256=model.info.sha256)
+    return LoadedModel(model.info, session, model.preprocessor, model.decoder, choice)
+
+
 def load_checked(path: Path, choose: Callable[[str], RuntimeChoice], **kw) -> LoadedModel:
     """``load_model``, after the same load and warm-up in a forked child.
 

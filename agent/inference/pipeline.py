@@ -66,6 +66,7 @@ class PipelineStats:
     # Every frame's inference time since start, by INFERENCE_BUCKETS_MS (the last slot: above them all).
     inference_counts: list[int] = field(default_factory=lambda: [0] * (len(INFERENCE_BUCKETS_MS) + 1))
     inference_sum_ms: float = 0.0
+    done_mono: deque = field(default_factory=lambda: deque(maxlen=8192))  # when each frame finished (spin policy)
 
     @property
     def errors(self) -> int:
@@ -205,7 +206,8 @@ class Pipeline:
         stats.inference_ms.append(done.inference_ms)
         stats.inference_counts[bisect.bisect_left(INFERENCE_BUCKETS_MS, done.inference_ms)] += 1
         stats.inference_sum_ms += done.inference_ms
-        stats.last_frame_mono = time.monotonic()
+        stats.last_frame_mono = now = time.monotonic()
+        stats.done_mono.append(now)
         done.ts = time.time()
         done.frame_ts = frame.ts
         if not self._first.is_set():

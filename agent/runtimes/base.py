@@ -90,6 +90,7 @@ class RuntimeChoice:
     providers: tuple[str, ...] = ()
     reason: str = ""
     safe: bool = False  # the backend's safe mode (TFLite: XNNPACK off; onnxruntime: the CPU provider only)
+    spin: bool = False  # let the thread pool spin-wait between runs (onnxruntime; runtime.spin)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ class OnnxSession:
         cache_dir: Path | None = None,
         model_sha256: str = "",
         safe: bool = False,
+        spin: bool = False,
     ):
         try:
             import onnxruntime as ort
@@ -89,9 +90,9 @@ class OnnxSession:
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if safe
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.log_severity_level = 3
-        # ORT's pool spin-waits between runs by default: a core burned at 15 fps on a Pi, and at full
-        # rate it takes the CPU our capture and publish threads need.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ORT's pool spin-waits between runs by default: a core burned at 15 fps on a Pi, but faster
+        # at full rate on some models. runtime.spin decides (agent/inference/spin.py).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         notes: list[str] = []
         built_in = set(ort.get_available_providers())
         missing = [p for p in providers if p not in built_in]
@@ -170,6 +171,7 @@ class OnnxSession:
 
     def close(self) -> None:
         self._sess = None
+        self._binding, self._out_bufs = None, []  # the binding holds the session too
 
 
 # -- availability and choice ---------------------------------------------------------------------
@@ -258,7 +260,8 @@ class OnnxBackend:
     def open(self, path: Path, choice: RuntimeChoice, *, threads: int, cache_dir: Path | None,
              model_sha256: str) -> Session:
         return OnnxSession(path, providers=tuple(choice.providers) or ("CPUExecutionProvider",), threads=threads,
-                           cache_dir=cache_dir, model_sha256=model_sha256, safe=choice.safe)
+                           cache_dir=cache_dir, model_sha256=model_sha256, safe=choice.safe,
+                           spin=choice.spin)
 
     def embedded_labels(self, path: Path) -> tuple[str, ...]:
         return ()

@@ -27,6 +27,9 @@ def format_table(r: dict) -> str:
         f"{r['agent_rss_mb']:.0f} MB ({r['agent_rss_mb'] - r['default_rss_mb']:+.0f} MB)",
         f"  CPU at 15 fps     {r['cpu_percent_15fps']:.0f} % (of one core)",
     ]
+    for label, key in (("full rate", "spin_full_rate"), ("15 fps", "spin_15fps")):
+        if spin := r.get(key):
+            lines.append(f"  spin-wait, {label:9} {'on' if spin['spinning'] else 'off'} ({spin['policy']}: {spin['reason']})")
     return "\n".join(lines)
 
 

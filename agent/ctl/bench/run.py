@@ -70,7 +70,7 @@ class AgentRun:
                "state_dir": str(work / f"state-{dev}"), "log_level": "warning"}
         cfg_path = work / f"{dev}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        topics = [f"edge/{dev}/predictions", f"edge/{dev}/health"]
+        topics = [f"edge/{dev}/predictions", f"edge/{dev}/health", f"edge/{dev}/status"]
         self._raw: list[tuple[float, str, bytes]] = []  # (arrival, topic, payload): list.append is atomic
         self.bulk = self.sub = None
         if fps:
@@ -94,6 +94,24 @@ class AgentRun:
     def predictions_seen(self) -> int:
         """How many predictions the subscriber has received so far (nothing decoded)."""
         return sum(topic.endswith("/predictions") for _, topic, _ in self._messages())
+
+    def spin(self) -> dict | None:
+        """The agent's spin-wait state (runtime.spin) from its newest status, if any."""
+        status = [p for _, topic, p in self._messages() if topic.endswith("/status")]
+        return json.loads(status[-1]).get("runtime", {}).get("spin") if status else None
+
+    def wait_spin_settled(self, timeout: float = 60.0) -> dict | None:
+        """With runtime.spin: auto at full rate the agent tries spinning first; measure what it settles on."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spin = self.spin()
+            if spin is not None and (spin["policy"] != "auto" or spin["spinning_won"] is not None
+                                     or "no spin-wait" in spin["reason"]):
+                time.sleep(2.0)  # a switch back finishes
+                return self.spin()
+            _progress("agent, settling runtime.spin", timeout - (deadline - time.monotonic()), timeout)
+            time.sleep(0.5)
+        return self.spin()
 
     def wait_started(self, warm_s: float = 2.0) -> None:
         """Until the first prediction arrives, then ``warm_s`` more (caches, threads, the first health)."""
@@ -189,6 +207,7 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
             procs[name].pause()
         procs["agent"] = agent = AgentRun(model_path, threads, source, 0, work, broker)
         agent.wait_started()
+        spin = agent.wait_spin_settled()
         agent.pause()
         windows = take_turns(procs, n, slice_s, "bare loops and agent, full rate")
         d, b = procs["default"].finish(), procs["bare"].finish()
@@ -214,7 +233,7 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
         "agent_rss_mb": max((h["rss_mb"] for h in health), default=0.0),
         "default_imports_of_the_agent": d.get("modules", []),
         "frames_dropped": (health[-1]["frames_dropped"] - health[0]["frames_dropped"]) if health else 0,
-        "backend": b["backend"], "accelerator": b["accelerator"],
+        "backend": b["backend"], "accelerator": b["accelerator"], "spin": spin,
     }
 
 
@@ -231,6 +250,7 @@ def paced(model_path: Path, threads: int, seconds: float, source: str, fps: floa
             time.sleep(0.25)
         t_end = time.time()
         preds, health = agent.messages()
+        spin = agent.spin()
     finally:
         agent.stop()
     window = [(t, p) for t, p in preds if t_start <= p["ts"] <= t_end]
@@ -239,7 +259,7 @@ def paced(model_path: Path, threads: int, seconds: float, source: str, fps: floa
             "e2e_p99_ms": percentile([(t - p["frame_ts"]) * 1e3 for t, p in window], 99),
             "inference_p99_ms": percentile([p["latency_ms"]["inference"] for _, p in window], 99),
             "cpu_percent": statistics.median([h["cpu_percent"] for h in hwin]) if hwin else 0.0,
-            "frames": len(window)}
+            "frames": len(window), "spin": spin}
 
 
 def _runtime_module(model_path: Path) -> str:
@@ -282,4 +302,5 @@ def bench(model_path: Path, *, seconds: float = 10, threads: int = 0, source: st
         "default_rss_mb": full["default_rss_mb"], "bare_rss_mb": full["bare_rss_mb"],
         "agent_rss_mb": full["agent_rss_mb"], "default_imports_of_the_agent": full["default_imports_of_the_agent"],
         "cpu_percent_15fps": slow["cpu_percent"], "frames_dropped_full_rate": full["frames_dropped"],
+        "spin_full_rate": full["spin"], "spin_15fps": slow["spin"],
     }
