@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from agent.inference.spin import HOLD_S, TRIAL_S, SpinPolicy, frame_rate
 from conftest import MODELS, agent_config, wait_until
+
+from agent.inference.spin import HOLD_S, TRIAL_S, SpinPolicy, frame_rate
 
 
 class Loop:
