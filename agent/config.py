@@ -152,9 +152,6 @@ class DeployConfig(_Section):
         return v
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
 class HttpConfig(_Section):
     listen: str = Field("127.0.0.1:8080", description='host:port of the page, API and metrics; "" = off')
     token_file: Path | None = Field(None, description="file holding the Bearer token; required off loopback")
@@ -181,7 +178,16 @@ class HttpConfig(_Section):
 
     @property
     def loopback(self) -> bool:
-        return self.host_port[0] in LOOPBACK_HOSTS or self.host_port[0].startswith("127.")
+        """A loopback IP literal or ``localhost``; a name like 127.example.com is not (it resolves anywhere)."""
+        import ipaddress
+
+        host = self.host_port[0]
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:

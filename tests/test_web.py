@@ -6,6 +6,8 @@ import http.client
 import json
 import socket
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ASTRONAUT_FACE, MODELS, agent_config, astronaut, choose, wait_until
+from conftest import ASTRONAUT_FACE, MODELS, REPO, agent_config, astronaut, choose, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.ctl.bench.broker import free_port
@@ -31,8 +33,10 @@ def iou(a, b) -> float:
     return inter / area if area > 0 else 0.0
 
 
-def get(url: str, token: str | None = None, timeout: float = 10, **headers) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(url, headers={**({"Authorization": f"Bearer {token}"} if token else {}), **headers})
+def get(url: str, token: str | None = None, timeout: float = 10, method: str = "GET",
+        **headers) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, method=method,
+                                 headers={**({"Authorization": f"Bearer {token}"} if token else {}), **headers})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, dict(r.headers), r.read()
@@ -257,8 +261,19 @@ def test_bad_requests_get_one_line_errors(web):
     assert post(base + "/api/v1/rollback", b"[1", "application/json") == (400, {"error": "the body is not JSON"})
     status, reply = post(base + "/api/v1/rollback", b"{}", "application/json")
     assert status == 409 and reply["error"] == "no previous version to roll back to"
-    assert get(base + "/api/v1/status", Host="attacker.example:80")[0] == 403  # DNS rebinding
-    assert get(base + "/nope")[0] == 404
+    for host in ("attacker.example:80", "127.evil.example", "127.0.0.1.attacker.com", "127.0.0.1:1@evil"):
+        assert get(base + "/api/v1/status", Host=host)[0] == 403, host  # names DNS rebinding can point here
+    assert get(base + "/api/v1/status", Host="[::1]:8080")[0] == 200
+    status, headers, body = get(base + "/nope")
+    assert (status, json.loads(body)) == (404, {"error": "Not Found"})
+    assert get(base + "/api/v1/status", method="DELETE")[0] == 405
+    deep = b"[" * 100000 + b"]" * 100000
+    assert post(base + "/api/v1/rollback", deep, "application/json") == (400, {"error": "the body is not JSON"})
+    nested = (b"--zz\r\nContent-Type: multipart/mixed; boundary=yy\r\n\r\n--yy\r\nContent-Type: image/png\r\n\r\n"
+              b"abc\r\n--yy--\r\n\r\n--zz--\r\n")
+    assert post(base + "/api/v1/predict", nested, "multipart/form-data; boundary=zz") == \
+        (400, {"error": "the multipart form has no file part"})
+    assert "Traceback" not in agent.log() and "Error handling request" not in agent.log()
 
 
 def test_open_inference_protocol_runs_the_model_on_json_tensors(web):
@@ -285,6 +300,21 @@ def test_open_inference_protocol_runs_the_model_on_json_tensors(web):
         "application/json")
     assert status == 400 and "does not fit the model's [1, 128, 128, 3]" in reply["error"]
 
+    def infer(data, datatype="FP32") -> tuple[int, dict]:
+        return post(base + "/v2/models/blazeface-short-range/infer", json.dumps({"inputs": [
+            {"name": inp["name"], "shape": [1, 128, 128, 3], "datatype": datatype, "data": data}]}).encode(),
+            "application/json")
+
+    assert infer([300] * 49152, "INT8")[0] == 400  # out of the type's range
+    assert infer([0] * 49151 + [10**400])[0] == 400  # no float holds it
+    assert infer([float("nan")] * 49152)[1] == \
+        {"error": f"input {inp['name']!r}: data must be finite numbers (no NaN or infinity)"}
+    status, reply = post(base + "/v2/models/blazeface-short-range/infer", b"[" * 100000 + b"]" * 100000,
+                         "application/json")
+    assert (status, reply) == (400, {"error": "the body is not JSON"})
+    status, reply = post(base + "/v2/models/blazeface-short-range/infer", b"[]," * 600000, "application/json")
+    assert status == 413 and "for this model's inputs" in reply["error"]
+
 
 def test_a_token_guards_everything_and_the_browser_gets_a_cookie(broker, agent_factory, tmp_path):
     token_file = tmp_path / "token"
@@ -295,12 +325,19 @@ def test_a_token_guards_everything_and_the_browser_gets_a_cookie(broker, agent_f
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), path
         assert get(base + path, token="wrong-token-wrong-token")[0] == 401, path
     assert get(base + "/api/v1/status", token=TOKEN)[0] == 200
+    assert get(base + "/api/v1/status", Authorization=f"bearer {TOKEN}")[0] == 200  # the scheme is case-insensitive
+    port = int(base.rsplit(":", 1)[1])
+    for header in (b"Authorization: Bearer \xff\xfe", b"Cookie: edge_agent_token=\xff\xfe"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 401"), header
     assert get(base + "/api/v1/status", Host="cam-01.lan:8080", Authorization=f"Bearer {TOKEN}")[0] == 200
     status, headers, body = get(base + f"/?token={TOKEN}")
     assert status == 200 and b"<title>edge-agent</title>" in body
     cookie = headers["Set-Cookie"].split(";")[0]
     assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
     assert get(base + "/api/v1/status", Cookie=cookie)[0] == 200
+    assert "Traceback" not in agent.log()
 
 
 def test_listening_off_loopback_without_a_token_refuses_to_start(broker, agent_factory, tmp_path):
@@ -334,3 +371,78 @@ def test_a_port_in_use_leaves_the_agent_running_without_the_server(broker, agent
     rec.wait_json("/predictions", count=3, timeout=60)
     assert f"http.listen 127.0.0.1:{port}" in agent.log() and "the agent runs on" in agent.log()
     taken.close()
+
+
+def test_a_viewer_that_asks_for_a_slow_stream_and_leaves_frees_its_slot(broker, agent_factory, tmp_path):
+    cfg, agent, base = start_web_agent(broker, agent_factory, tmp_path, http={"max_viewers": 2})
+    wait_until(lambda: get(base + "/api/v1/latest")[0] == 200, 30, what="a first prediction")
+    assert get(base + "/stream.mjpeg?fps=1e-300")[0] == 400
+    for _ in range(2):
+        assert len(read_mjpeg(base, 1, "?fps=0.2")) == 1  # one frame, then gone for a 5 s wait
+    wait_until(lambda: _metric(base, "edge_agent_stream_viewers") == 0, 3, what="the slots freed")
+    assert len(read_mjpeg(base, 1)) == 1
+
+
+def test_the_jpeg_header_parse_skips_fill_bytes_and_is_not_fooled_by_a_frame_header_in_a_comment():
+    from agent.web.media import decode_image, image_size
+
+    ok, buf = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))
+    real = bytearray(buf.tobytes())
+    sof = real.index(b"\xff\xc0")
+    real[sof + 5:sof + 9] = struct.pack(">HH", 12000, 12000)  # what the decoder would allocate: 144 MP
+    fake = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    comment = bytearray(0xFFFF - 2)
+    at = 0xFE00 + 0xFF - 3  # where a parse that read the fill byte as a marker would land, in the comment
+    comment[at:at + len(fake)] = fake
+    data = b"\xff\xd8\xff\xff\xfe" + struct.pack(">H", 0xFFFF) + bytes(comment) + bytes(real[2:])
+    assert image_size(data) == (12000, 12000)
+    with pytest.raises(ValueError, match="the image is 12000x12000; at most 40 megapixels"):
+        decode_image(data)
+
+
+def test_connections_that_never_finish_their_request_cannot_take_the_agent_down(broker, tmp_path, recorder_factory):
+    # A daemon with few file descriptors, as a small device's default may be; 300 half-requests from
+    # anyone who can reach the port used to exhaust them and stop the whole agent (health sampling
+    # failed with EMFILE). Now: at most 64 connections, and 10 s to send the headers.
+    port = free_port()
+    cfg = agent_config(broker, tmp_path, http={"listen": f"0.0.0.0:{port}", "token_file": str(tmp_path / "t")})
+    (tmp_path / "t").write_text(TOKEN)
+    config = tmp_path / "agent.yaml"
+    config.write_text(json.dumps(cfg))
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/predictions")
+    log = open(tmp_path / "agent.log", "wb")
+    proc = subprocess.Popen(["bash", "-c", f"ulimit -n 256 && exec {sys.executable} -m agent.daemon --config {config}"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    held: list[socket.socket] = []
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}"), 60, what="the HTTP server")
+        for _ in range(300):
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=2)
+                s.sendall(b"GET / HTTP/1.1\r\n")
+                held.append(s)
+            except OSError:
+                pass
+        time.sleep(2)
+        assert proc.poll() is None, (tmp_path / "agent.log").read_text()[-2000:]
+        n = len(rec.json("/predictions"))
+        wait_until(lambda: len(rec.json("/predictions")) > n + 10, 10, what="predictions while flooded")
+        open_ones = 0
+        for s in held:
+            s.settimeout(0.01)
+            try:
+                open_ones += s.recv(1) == b"" and 0 or 1
+            except TimeoutError:
+                open_ones += 1
+            except OSError:
+                pass
+        assert open_ones <= 64, f"{open_ones} half-requests still held"
+        time.sleep(11)  # past the 10 s allowed for the headers: all closed, and the server answers again
+        assert get(f"http://127.0.0.1:{port}/api/v1/status", token=TOKEN)[0] == 200
+        text = (tmp_path / "agent.log").read_text()
+        assert "main loop failed" not in text and "Traceback" not in text
+    finally:
+        for s in held:
+            s.close()
+        proc.terminate()
+        assert proc.wait(15) == 0

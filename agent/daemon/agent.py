@@ -247,7 +247,10 @@ class Agent:
                 self.respinner.tick(now)
                 next_spin = now + 1.0
             if now >= next_health:
-                self._publish_health()
+                try:
+                    self._publish_health()
+                except OSError as exc:  # e.g. out of file descriptors for a moment: the next sample may work
+                    log.error("health sample failed (%s); frames are still served", exc)
                 next_health = now + self.cfg.health.interval_s
             if self._reload.is_set():
                 self._reload.clear()

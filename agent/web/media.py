@@ -84,6 +84,9 @@ def image_size(data: bytes) -> tuple[int, int]:
             if data[i] != 0xFF:
                 break
             marker = data[i + 1]
+            if marker == 0xFF:  # a fill byte before the marker
+                i += 1
+                continue
             if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
                 i += 2
                 continue
@@ -103,7 +106,10 @@ def decode_image(data: bytes) -> np.ndarray:
     w, h = image_size(data)
     if w * h > MAX_PIXELS or not (w and h):
         raise ValueError(f"the image is {w}x{h}; at most {MAX_PIXELS // 10**6} megapixels are taken")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # e.g. over OPENCV_IO_MAX_IMAGE_PIXELS (agent/__init__.py)
+        raise ValueError(f"the image cannot be decoded ({str(exc).strip().splitlines()[-1][:160]})") from None
     if image is None:
         raise ValueError(f"the body ({len(data)} bytes) is not an image OpenCV can read (JPEG or PNG)")
     return image

@@ -7,6 +7,7 @@ layout and dtype, no preprocessing) and answers every output as a flat JSON list
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 from aiohttp import web
@@ -59,12 +60,37 @@ def parse_inputs(body: object, specs: tuple[TensorSpec, ...]) -> list[np.ndarray
         data = item.get("data")
         try:
             arr = np.asarray(data, dtype=dtype).reshape(-1)
-        except (TypeError, ValueError):
-            raise ValueError(f"input {item['name']!r}: data must be a (flat or nested) list of numbers") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"input {item['name']!r}: data must be a (flat or nested) list of numbers that fit "
+                             f"{item.get('datatype')}") from None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"input {item['name']!r}: data must be finite numbers (no NaN or infinity)")
         if arr.size != n:
             raise ValueError(f"input {item['name']!r}: {arr.size} values for shape {shape} ({n})")
         arrays.append(arr.reshape(shape).astype(spec.dtype, copy=False))
     return arrays
+
+
+def body_limit(specs: tuple[TensorSpec, ...]) -> int:
+    """The largest JSON body taken for these inputs: 24 bytes a number (-1.2345678901234567e-05,) and 64 KiB."""
+    elements = sum(int(np.prod([d if d and d > 0 else 1 for d in s.shape])) for s in specs)
+    return 24 * elements + 2**16
+
+
+def _parse(raw: bytes, specs: tuple[TensorSpec, ...]) -> tuple[dict, list[np.ndarray]]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError("the body is not JSON") from None
+    return body, parse_inputs(body, specs)
+
+
+def _json_numbers(arr: np.ndarray) -> list:
+    """Flat values for JSON; NaN and infinity (which strict JSON has no words for) become null."""
+    flat = arr.reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return [v if np.isfinite(v) else None for v in flat.tolist()]
+    return flat.tolist()
 
 
 def add_routes(app: web.Application, backend: WebBackend) -> None:
@@ -104,9 +130,19 @@ def add_routes(app: web.Application, backend: WebBackend) -> None:
         if isinstance(found, web.Response):
             return found
         info, inputs, outputs = found
-        try:
-            body = await request.json()
-            tensors = parse_inputs(body, inputs)
+        limit = body_limit(inputs)
+        if request.content_length is not None and request.content_length > limit:
+            return _error(413, f"the body is {request.content_length} bytes; at most {limit} for this model's inputs")
+        chunks, size = [], 0
+        while chunk := await request.content.read(2**16):
+            size += len(chunk)
+            if size > limit:
+                return _error(413, f"the body is over {limit} bytes, at most for this model's inputs")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        loop = asyncio.get_running_loop()
+        try:  # parsing is not the loop's work: a large body would hold every other request up
+            body, tensors = await loop.run_in_executor(None, _parse, raw, inputs)
         except ValueError as exc:
             return _error(400, str(exc))
         try:
@@ -117,7 +153,7 @@ def add_routes(app: web.Application, backend: WebBackend) -> None:
         except Exception as exc:  # noqa: BLE001 - the runtime refused these tensors: one line
             return _error(400, f"the model failed on these inputs: {type(exc).__name__}: {str(exc)[:300]}")
         out = [{"name": spec.name, "datatype": DATATYPES.get(arr.dtype.name, arr.dtype.name.upper()),
-                "shape": list(arr.shape), "data": arr.reshape(-1).tolist()}
+                "shape": list(arr.shape), "data": _json_numbers(arr)}
                for spec, arr in zip(outputs, results, strict=False)]
         reply = {"model_name": info["name"], "model_version": info["version"], "outputs": out}
         if isinstance(body.get("id"), str):

@@ -7,13 +7,14 @@ loop, a command on the deployer) goes to the loop's executor.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
 from dataclasses import replace
 from importlib import resources
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from agent.web import media, oip
 from agent.web.backend import Counters, WebBackend
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 20 * 2**20
 REQUEST_TIMEOUT_S = 15.0
 STREAM_SNDBUF = 128 * 1024
-STALLED_VIEWER_S = 10.0  # a viewer that takes no frame for this long is dropped
+STALLED_VIEWER_S = 10.0
+MIN_STREAM_FPS = 0.2  # a viewer that takes no frame for this long is dropped
 STATIC = ("index.html", "app.js", "app.css", "favicon.svg")
 STATIC_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 
@@ -98,8 +100,8 @@ class Routes:
             fps = min(float(request.query.get("fps", self.stream_fps)), self.stream_fps)
         except ValueError:
             return error(400, "fps must be a number")
-        if not fps > 0:
-            return error(400, "fps must be above 0")
+        if not fps >= MIN_STREAM_FPS:
+            return error(400, f"fps must be at least {MIN_STREAM_FPS}")
         annotated = request.query.get("annotated", "1") not in ("0", "false", "")
         resp = web.StreamResponse(headers={
             "Content-Type": f"multipart/x-mixed-replace; boundary={media.BOUNDARY}",
@@ -122,7 +124,11 @@ class Routes:
                     # A viewer that stops reading fills its socket buffer; drain() then waits, and a
                     # stalled one is dropped after a few seconds instead of holding a viewer slot forever.
                     await asyncio.wait_for(resp.write(media.mjpeg_part(data)), timeout=STALLED_VIEWER_S)
-                await asyncio.sleep(max(0.0, period - (time.monotonic() - t0)))
+                # in short naps: aiohttp does not cancel a handler whose client left, so look
+                while (left := period - (time.monotonic() - t0)) > 0 and not _gone(request):
+                    await asyncio.sleep(min(left, 0.25))
+                if _gone(request):
+                    break
         except (TimeoutError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -170,8 +176,8 @@ class Routes:
 
     async def rollback(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
+            body = json.loads(await request.read() or b"{}") if request.can_read_body else {}
+        except (ValueError, RecursionError):
             return error(400, "the body is not JSON")
         if not isinstance(body, dict):
             return error(400, "the body must be a JSON object")
@@ -182,9 +188,10 @@ class Routes:
         return await self._command("reload", {})
 
     async def predict(self, request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
         try:
             data = await _image_bytes(request)
-            image = media.decode_image(data)
+            image = await loop.run_in_executor(None, media.decode_image, data)  # decoding is not the loop's work
         except ValueError as exc:
             return error(400, str(exc))
         except web.HTTPRequestEntityTooLarge:
@@ -203,12 +210,19 @@ class Routes:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def _image_bytes(request: web.Request) -> bytes:
     """The posted image: the body itself, or the first file part of a multipart form."""
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         async for part in reader:
-            if part.filename or (part.headers.get("Content-Type", "").startswith("image/")):
+            if not isinstance(part, BodyPartReader):  # a multipart inside the multipart: not an image
+                continue
+            if part.filename or part.headers.get("Content-Type", "").startswith("image/"):
                 return bytes(await part.read(decode=False))
         raise ValueError("the multipart form has no file part")
     return await request.read()

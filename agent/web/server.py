@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import ssl
 import threading
@@ -21,11 +22,15 @@ from aiohttp import web
 from agent.config import HttpConfig
 from agent.support.threads import name_this_thread
 from agent.web.backend import WebBackend
+from agent.web.connections import Connections
 from agent.web.routes import Routes
 
 log = logging.getLogger(__name__)
 COOKIE = "edge_agent_token"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+KEEPALIVE_S = 15.0  # an idle keep-alive connection is closed after this (aiohttp's default: an hour)
+# Malformed requests from anyone who can reach the port would put a traceback each in the journal;
+# errors in the agent's own handlers are caught and logged in one line by the guard instead.
+logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
 def read_token(path: Path) -> str:
@@ -64,6 +69,8 @@ class WebServer:
         self.error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self.conns = Connections()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -115,51 +122,93 @@ class WebServer:
     async def _serve(self) -> None:
         app = web.Application(middlewares=[self._guard], client_max_size=self.routes.max_body)
         self.routes.add_to(app)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                     keepalive_timeout=KEEPALIVE_S)
         await self._runner.setup()
         host, port = self.cfg.host_port
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl, reuse_address=True)
         try:
-            await site.start()
+            self._server = await asyncio.get_running_loop().create_server(
+                self.conns.factory(self._runner.server), host, port, ssl=self.ssl, reuse_address=True, backlog=128)
         except OSError:
             await self._runner.cleanup()
             raise
-        server = site._server  # noqa: SLF001 - aiohttp keeps the bound sockets there
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else port
         log.info("http: the page, API and metrics at %s/ (%s)", self.url,
                  "Bearer token required" if self.token else "loopback only, no token")
 
     async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        if self.token is not None:
-            if not self._authorized(request):
-                return web.json_response({"error": "a Bearer token is required (Authorization: Bearer <token>, "
-                                          "or open /?token=<token> once in a browser)"}, status=401,
-                                         headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'})
-        elif request.host.rsplit(":", 1)[0] not in LOOPBACK_NAMES and not request.host.startswith("127."):
-            return web.json_response({"error": f"Host {request.host[:80]!r} is not a loopback name; this agent "
-                                      "serves loopback only (set http.token_file to serve other names)"}, status=403)
-        if request.method == "POST" and request.path not in self.routes.binary_posts \
-                and not request.path.endswith("/infer") and request.content_type != "application/json":
-            return web.json_response({"error": "send commands as application/json"}, status=415)
-        response = await handler(request)
+        self.conns.started(request.transport)
+        try:
+            refused = self._refuse(request)
+            if refused is not None:
+                return refused
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own 404, 405, 413 ...: one JSON line like ours
+            if exc.status < 400:
+                raise
+            return web.json_response({"error": exc.reason if exc.status != 413 else exc.text}, status=exc.status,
+                                     headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line in the log and to the client, never a traceback
+            log.error("http %s %s: %s: %s", request.method, request.path[:80], type(exc).__name__, str(exc)[:200])
+            return web.json_response({"error": f"internal error: {type(exc).__name__}"}, status=500)
         if self.token is not None and request.query.get("token") and isinstance(response, web.StreamResponse) \
                 and not response.prepared:
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", secure=self.ssl is not None)
         return response
 
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        if self.token is not None:
+            if not self._authorized(request):
+                return web.json_response({"error": "a Bearer token is required (Authorization: Bearer <token>, "
+                                          "or open /?token=<token> once in a browser)"}, status=401,
+                                         headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'})
+        elif not loopback_host(request.host):
+            return web.json_response({"error": f"Host {request.host[:80]!r} is not a loopback name; this agent "
+                                      "serves loopback only (set http.token_file to serve other names)"}, status=403)
+        if request.method == "POST" and request.path not in self.routes.binary_posts \
+                and not request.path.endswith("/infer") and request.content_type != "application/json":
+            return web.json_response({"error": "send commands as application/json"}, status=415)
+        return None
+
     def _authorized(self, request: web.Request) -> bool:
         assert self.token is not None
         given = ""
-        auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = auth[7:].strip()
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":  # the scheme is case-insensitive (RFC 7235)
+            given = value.strip()
         elif request.query.get("token"):
             given = request.query["token"]
         elif request.cookies.get(COOKIE):
             given = request.cookies[COOKIE]
-        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+        # surrogateescape: a header of undecodable bytes compares (unequal) instead of raising
+        return bool(given) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode())
+
+
+def loopback_host(host: str) -> bool:
+    """The Host header names this machine's loopback: ``localhost`` or a loopback IP literal, any port.
+
+    Exact, not a prefix: ``127.evil.example`` is a name that DNS rebinding can point at 127.0.0.1.
+    """
+    name, port = host.strip(), ""
+    if name.startswith("[") and "]" in name:  # [::1]:8080
+        name, port = name[1:name.index("]")], name[name.index("]") + 1:]
+    elif name.count(":") == 1:
+        name, port = name.split(":")
+        port = ":" + port
+    if port and not (port[0] == ":" and port[1:].isdigit()):
+        return False
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

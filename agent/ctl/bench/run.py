@@ -230,7 +230,9 @@ def full_rate(model_path: Path, threads: int, seconds: float, source: str, work:
         "default_p50_ms": default["p50_ms"], "bare_p50_ms": bare["p50_ms"], "bare_p99_ms": bare["p99_ms"],
         "agent_inference_p50_ms": percentile([p["latency_ms"]["inference"] for p in agent_in], 50),
         "default_rss_mb": default["rss_mb"], "bare_rss_mb": bare["rss_mb"],
-        "agent_rss_mb": max((h["rss_mb"] for h in health), default=0.0),
+        # while it was measured: not the moment of a spin-wait switch (two sessions, before the old one is freed)
+        "agent_rss_mb": max((h["rss_mb"] for h in health if any(a <= h["ts"] <= z for a, z in windows["agent"])),
+                            default=max((h["rss_mb"] for h in health), default=0.0)),
         "default_imports_of_the_agent": d.get("modules", []),
         "frames_dropped": (health[-1]["frames_dropped"] - health[0]["frames_dropped"]) if health else 0,
         "backend": b["backend"], "accelerator": b["accelerator"], "spin": spin,
