@@ -211,3 +211,13 @@ def test_the_http_token_file_is_found_beside_the_config(tmp_path: Path):
     (tmp_path / "token").write_text("x" * 32)
     (tmp_path / "agent.yaml").write_text("http:\n  listen: 0.0.0.0:8080\n  token_file: token\n")
     assert load_config(tmp_path / "agent.yaml").http.token_file == tmp_path / "token"
+
+
+def test_config_check_reads_the_http_token_and_certificate_as_the_daemon_would(tmp_path: Path):
+    (tmp_path / "short").write_text("abc")
+    (tmp_path / "agent.yaml").write_text("http:\n  listen: 0.0.0.0:8080\n  token_file: short\n"
+                                         "  cert_file: nope.pem\n  key_file: nope.key\n")
+    r = _run("agent.ctl", "config", "check", str(tmp_path / "agent.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "http.token_file" in r.stderr and "at least 16 characters" in r.stderr
+    assert "http.cert_file/key_file: cannot load them" in r.stderr

@@ -54,6 +54,14 @@ def cmd_config_check(args) -> int:
         p = getattr(cfg.mqtt, key)
         if p is not None and not Path(p).is_file():
             problems.append(f"mqtt.{key}: file not found: {p}")
+    if cfg.http.listen:  # what the daemon's HTTP server would refuse at start (exit 2)
+        from agent.web.server import read_token, tls_context
+
+        for check in (lambda: cfg.http.token_file and read_token(cfg.http.token_file), lambda: tls_context(cfg.http)):
+            try:
+                check()
+            except ValueError as exc:
+                problems.append(str(exc))
     if problems:
         print(f"{args.file}: invalid", file=sys.stderr)
         for line in problems:
