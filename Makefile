@@ -35,7 +35,7 @@ run: $(VENV)/.run-deps
 	bash scripts/run.sh
 
 test: $(VENV)/.test-deps $(LEGACY)/.deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	@echo "--- the runtime tests again on tflite-runtime 2.14 + numpy<2 ($(LEGACY)) ---"
 	$(LEGACY)/bin/python -m pytest -q -p no:cacheprovider tests/test_vision.py tests/test_e2e.py \
 	  tests/test_probe.py tests/test_decoders.py tests/test_pipeline.py
