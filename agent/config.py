@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -35,6 +36,23 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def topic_prefix(v: str) -> str:
+    """A topic prefix (mqtt.prefix, homeassistant.prefix): no wildcards, no slash at either end."""
+    if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+        raise ValueError(f"expected a topic prefix without wildcards or edge slashes, got {v!r}")
+    return v
+
+
+def loopback_name(host: str) -> bool:
+    """A loopback IP literal or ``localhost``; a name like 127.example.com is not (DNS can point it anywhere)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -75,9 +93,7 @@ class MqttConfig(_Section):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
-            raise ValueError(f"expected a topic prefix without wildcards or edge slashes, got {v!r}")
-        return v
+        return topic_prefix(v)
 
     @model_validator(mode="after")
     def _cert_pair(self) -> MqttConfig:
@@ -178,16 +194,7 @@ class HttpConfig(_Section):
 
     @property
     def loopback(self) -> bool:
-        """A loopback IP literal or ``localhost``; a name like 127.example.com is not (it resolves anywhere)."""
-        import ipaddress
-
-        host = self.host_port[0]
-        if host.lower() == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return loopback_name(self.host_port[0])
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:
@@ -206,9 +213,7 @@ class HomeAssistantConfig(_Section):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
-            raise ValueError(f"expected a topic prefix without '#', '+' or a leading/trailing '/', got {v!r}")
-        return v
+        return topic_prefix(v)
 
 
 class AgentConfig(_Section):

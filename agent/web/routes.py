@@ -51,23 +51,16 @@ class Routes:
         return replace(self.backend.counters(), viewers=self.viewers)
 
     def add_to(self, app: web.Application) -> None:
-        r = app.router
-        r.add_get("/", self.page)
-        for name in STATIC[1:]:
-            r.add_get(f"/static/{name}", self.static)
-        r.add_get("/favicon.ico", self.favicon)
-        r.add_get("/latest.jpg", self.latest_jpg)
-        r.add_get("/stream.mjpeg", self.stream)
-        r.add_get("/api/v1/status", self.status)
-        r.add_get("/api/v1/health", self.health)
-        r.add_get("/api/v1/health/history", self.history)
-        r.add_get("/api/v1/latest", self.latest)
-        r.add_get("/api/v1/models", self.models)
-        r.add_get("/api/v1/deployments", self.deployments)
-        r.add_post("/api/v1/rollback", self.rollback)
-        r.add_post("/api/v1/reload", self.reload)
-        r.add_post("/api/v1/predict", self.predict)
-        r.add_get("/metrics", self.prometheus)
+        gets = {"/": self.page, "/favicon.ico": self.favicon, "/latest.jpg": self.latest_jpg,
+                "/stream.mjpeg": self.stream, "/api/v1/status": self.status, "/api/v1/health": self.health,
+                "/api/v1/health/history": self.history, "/api/v1/latest": self.latest,
+                "/api/v1/models": self.models, "/api/v1/deployments": self.deployments, "/metrics": self.prometheus,
+                **{f"/static/{name}": self.static for name in STATIC[1:]}}
+        posts = {"/api/v1/rollback": self.rollback, "/api/v1/reload": self.reload, "/api/v1/predict": self.predict}
+        for path, handler in gets.items():
+            app.router.add_get(path, handler)
+        for path, handler in posts.items():
+            app.router.add_post(path, handler)
         oip.add_routes(app, self.backend)
 
     # -- the page ---------------------------------------------------------------------------------
@@ -161,18 +154,18 @@ class Routes:
                                  status=200 if reply.ok else 409)
 
     async def models(self, request: web.Request) -> web.Response:
-        reply = await asyncio.get_running_loop().run_in_executor(
-            None, self.backend.command, "models", {}, REQUEST_TIMEOUT_S)
-        if not reply.ok:
-            return error(503, reply.error or "no answer")
-        return web.json_response({"models": reply.result.get("models", [])})
+        return await self._from_models_reply("models")
 
     async def deployments(self, request: web.Request) -> web.Response:
+        return await self._from_models_reply("deployments")
+
+    async def _from_models_reply(self, key: str) -> web.Response:
+        """One part of what the ``models`` command answers (models, or the journal's deployments)."""
         reply = await asyncio.get_running_loop().run_in_executor(
             None, self.backend.command, "models", {}, REQUEST_TIMEOUT_S)
         if not reply.ok:
             return error(503, reply.error or "no answer")
-        return web.json_response({"deployments": reply.result.get("deployments", [])})
+        return web.json_response({key: reply.result.get(key, [])})
 
     async def rollback(self, request: web.Request) -> web.Response:
         try:

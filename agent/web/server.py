@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import ssl
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.config import HttpConfig
+from agent.config import HttpConfig, loopback_name
 from agent.support.threads import name_this_thread
 from agent.web.backend import WebBackend
 from agent.web.connections import Connections
@@ -204,11 +203,4 @@ def loopback_host(host: str) -> bool:
     elif name.count(":") == 1:
         name, port = name.split(":")
         port = ":" + port
-    if port and not (port[0] == ":" and port[1:].isdigit()):
-        return False
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return (not port or port[0] == ":" and port[1:].isdigit()) and loopback_name(name)
