@@ -107,7 +107,8 @@ class AgentRun:
             spin = self.spin()
             if spin is not None and (spin["policy"] != "auto" or spin["spinning_won"] is not None
                                      or "no spin-wait" in spin["reason"]):
-                time.sleep(2.0)  # a switch back finishes
+                if spin["spinning_won"] is False:
+                    time.sleep(2.0)  # the switch back finishes
                 return self.spin()
             _progress("agent, settling runtime.spin", timeout - (deadline - time.monotonic()), timeout)
             time.sleep(0.5)
