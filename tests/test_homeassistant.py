@@ -44,9 +44,11 @@ def check_discovery(config: dict, topics: Topics) -> None:
 def test_the_discovery_config_follows_home_assistants_rules_and_its_ids_are_stable():
     topics = Topics("edge", "cam 01/x")
     ha = HaTopics.of(topics, "homeassistant")
-    assert ha.discovery == "homeassistant/device/edge_agent_cam_01_x/config"
+    assert ha.discovery == "homeassistant/device/cam_01_x/config"
     config = discovery_payload(topics, ha, platform_model="Raspberry Pi 5", has_temperature=True)
     check_discovery(config, topics)
+    assert config["device"]["identifiers"] == ["edge_agent_cam_01_x"]
+    assert config["components"]["fps"]["unique_id"] == "edge_agent_cam_01_x_fps"
     again = discovery_payload(topics, ha, platform_model="Raspberry Pi 5", has_temperature=True)
     assert [c["unique_id"] for c in config["components"].values()] == \
         [c["unique_id"] for c in again["components"].values()]
@@ -89,7 +91,7 @@ def test_the_agent_announces_itself_and_again_when_home_assistant_comes_online(b
     topics = Topics("edge", device)
     rec = recorder_factory(broker, "ha/#", f"edge/{device}/#")
     agent = agent_factory(cfg).start()
-    discovery = f"ha/device/edge_agent_{device}/config"  # test ids are [a-z0-9-] already
+    discovery = f"ha/device/{device}/config"  # test ids are [a-z0-9-] already
     wait_until(lambda: [m for m in rec.messages if m[0] == discovery], 60, what="discovery")
     (topic, payload, retained) = [m for m in rec.messages if m[0] == discovery][0]
     config = json.loads(payload)

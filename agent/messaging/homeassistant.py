@@ -25,8 +25,13 @@ ORIGIN_URL = "https://github.com/edge-agent/edge-agent"
 
 
 def object_id(device_id: str) -> str:
-    """A discovery node/object id: Home Assistant takes ``[a-zA-Z0-9_-]`` there."""
-    return "edge_agent_" + re.sub(r"[^a-zA-Z0-9_-]", "_", device_id)
+    """The discovery topic's id: the device id, as Home Assistant takes it there (``[a-zA-Z0-9_-]``)."""
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", device_id)
+
+
+def unique_base(device_id: str) -> str:
+    """What every unique_id and the device identifier start with: unique beyond this agent's entities."""
+    return "edge_agent_" + object_id(device_id)
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class HaTopics:
 
 def discovery_payload(topics: Topics, ha: HaTopics, *, platform_model: str, has_temperature: bool) -> dict:
     """The device-based discovery config: device, origin, availability and every component."""
-    node = object_id(topics.device)
+    node = unique_base(topics.device)
 
     def uid(key: str) -> str:
         return f"{node}_{key}"
