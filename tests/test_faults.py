@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import pytest
 from conftest import MODELS, REPO, Broker, agent_config, wait_until
 from deploy_helpers import copy_model, ctl, hang_on_bright_onnx
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.ctl.bench.broker import free_port
 
 
 class DurableSubscriber:
@@ -93,7 +97,8 @@ def test_qos1_predictions_all_arrive_across_a_broker_outage(tmp_path, agent_fact
 
 def test_qos0_keeps_running_through_an_outage_and_counts_what_it_could_not_send(broker, recorder_factory,
                                                                              agent_factory, tmp_path):
-    cfg = agent_config(broker, tmp_path)
+    port = free_port()
+    cfg = agent_config(broker, tmp_path, http={"listen": f"127.0.0.1:{port}"})
     agent = agent_factory(cfg).start()
     rec = recorder_factory(broker, f"edge/{cfg['device_id']}/health")
     rec.wait_json("/health", lambda h: h["frames_processed"] > 0)
@@ -105,6 +110,10 @@ def test_qos0_keeps_running_through_an_outage_and_counts_what_it_could_not_send(
     h = rec2.wait_json("/health", lambda h: h["mqtt"]["unsent"] > 20 and h["mqtt"]["state"] == "connected",
                        timeout=30)[-1]
     assert h["frames_processed"] > h["mqtt"]["unsent"]
+    # /metrics tells the predictions that went out from those the link could not take
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        metrics = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    assert metrics["edge_agent_predictions_unsent_total"] > 20 and metrics["edge_agent_predictions_sent_total"] > 0
 
 
 def test_what_was_unsent_at_a_kill_9_is_sent_after_the_restart(tmp_path, agent_factory):

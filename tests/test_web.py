@@ -185,7 +185,7 @@ def test_metrics_parse_as_prometheus_and_follow_the_agents_counters(web):
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert all(name.startswith("edge_agent_") for name in families)
-    for counter in ("frames_captured", "frames_processed", "frames_dropped", "predictions_published",
+    for counter in ("frames_captured", "frames_processed", "frames_dropped", "predictions_sent", "predictions_unsent",
                     "outbox_dropped", "deployments", "cpu_seconds"):
         assert families[f"edge_agent_{counter}"].type == "counter", counter
     hist = families["edge_agent_inference_duration_seconds"]

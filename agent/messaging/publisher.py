@@ -37,6 +37,7 @@ class PredictionPublisher:
         self.finish = finish
         self.dropped = 0
         self.published = 0  # predictions handed to the link or the outbox
+        self.unsent = 0  # QoS 0 predictions the link could not take (no connection, too large)
         self.observe: Callable[[Prediction], None] | None = None  # sees each prediction (the web page, Home Assistant)
         self.batches = 0  # sends of one or more predictions (health shows nothing of it; tests read it)
         self._q: queue.Queue[Any] = queue.Queue(maxsize)
@@ -112,8 +113,10 @@ class PredictionPublisher:
             try:
                 if durable is not None:
                     durable.submit(self.topic, payload, qos=self.qos)
+                    self.published += 1
+                elif self.link.publish(self.topic, payload, qos=self.qos):
+                    self.published += 1
                 else:
-                    self.link.publish(self.topic, payload, qos=self.qos)
-                self.published += 1
+                    self.unsent += 1
             except Exception:  # noqa: BLE001
                 log.exception("publishing a prediction failed")

@@ -27,7 +27,8 @@ class Counters:
     inference_buckets_ms: tuple[float, ...]
     inference_counts: list[int]  # per bucket, not cumulated; the last one is above every bound
     inference_sum_ms: float
-    predictions_published: int
+    predictions_sent: int
+    predictions_unsent: int
     predictions_dropped: int
     mqtt_sent: int
     mqtt_unsent: int

@@ -51,7 +51,10 @@ class AgentCollector(Collector):
         buckets.append(("+Inf", sum(c.inference_counts)))
         yield HistogramMetricFamily("edge_agent_inference_duration_seconds", "Time in the runtime per frame.",
                                     buckets=buckets, sum_value=c.inference_sum_ms / 1000)
-        yield _counter("predictions_published", "Predictions handed to MQTT (or the outbox).", c.predictions_published)
+        yield _counter("predictions_sent", "Predictions handed to the broker link (QoS 0) or the durable outbox (QoS 1).",
+                       c.predictions_sent)
+        yield _counter("predictions_unsent", "QoS 0 predictions the link could not take (no connection, too large).",
+                       c.predictions_unsent)
         yield _counter("predictions_dropped", "Predictions dropped because the publisher fell behind.",
                        c.predictions_dropped)
         yield _counter("mqtt_messages_sent", "MQTT messages the broker took.", c.mqtt_sent)
