@@ -95,7 +95,6 @@ class Pipeline:
         self.boot_id = boot_id or uuid.uuid4().hex
         self.stats = PipelineStats()
         self._seq = 0
-        self.last_frame: Frame | None = None
         self.recent: deque[Frame] = deque(maxlen=RECENT_FRAMES)
         self.latest: Prediction | None = None  # the newest one decoded (set by finish)
         self._aside: deque[_Aside] = deque()
@@ -109,6 +108,12 @@ class Pipeline:
     @property
     def model(self) -> LoadedModel:
         return self._model
+
+    @property
+    def last_frame(self) -> Frame | None:
+        """The newest frame the loop took (the snapshot command, Home Assistant's image)."""
+        recent = self.recent
+        return recent[-1] if recent else None
 
     def start(self) -> None:
         self._thread.start()
@@ -193,7 +198,6 @@ class Pipeline:
     def _process(self, frame: Frame) -> None:
         model = self._model
         stats = self.stats
-        self.last_frame = frame
         self.recent.append(frame)
         try:
             done = model.run(frame.image, frame.prepared, hand_off=True)
