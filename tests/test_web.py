@@ -446,3 +446,16 @@ def test_connections_that_never_finish_their_request_cannot_take_the_agent_down(
             s.close()
         proc.terminate()
         assert proc.wait(15) == 0
+
+
+def test_the_snapshot_command_answers_the_newest_frame_as_the_page_does(web, tmp_path):
+    from deploy_helpers import ctl
+
+    cfg, agent, base, face = web
+    out = tmp_path / "snap.jpg"
+    r = ctl(agent.config_path, "snapshot", "--out", str(out), "--timeout", "20")
+    assert r.returncode == 0, r.stderr
+    snap = cv2.imread(str(out))
+    page = cv2.imdecode(np.frombuffer(get(base + "/latest.jpg")[2], np.uint8), cv2.IMREAD_COLOR)
+    assert snap.shape == page.shape == (480, 640, 3)
+    assert np.abs(snap.astype(int) - page.astype(int)).mean() < 8  # the same (still) frame, two JPEG encodings
