@@ -57,9 +57,10 @@ class Respinner:
         name_this_thread("ea-respin")
         a = self.agent
         base = a.model
-        choice = dataclasses.replace(base.choice, spin=spin) if base.choice else None
-        if choice is None:
+        if base.choice is None:  # loaded without a recorded choice: nothing to reopen it with
+            self.policy.not_applied("the model has no runtime choice to reopen it with")
             return
+        choice = dataclasses.replace(base.choice, spin=spin)
         t0 = time.monotonic()
         try:
             new = reopen(base, choice, threads=inference_threads(a.cfg.runtime.threads), cache_dir=None)
