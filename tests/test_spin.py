@@ -67,7 +67,7 @@ def test_auto_turns_spinning_back_off_when_it_is_not_faster_and_does_not_try_aga
     assert not policy.state.spinning and policy.state.spinning_won is False
     loop.run(60, 150, 0.0)
     assert len(loop.asked) == 2
-    policy.model_changed()  # a new model: worth a new try
+    policy.model_changed(spinning=False)  # a new model: worth a new try
     loop.run(HOLD_S + 2, 150, 0.0)
     assert len(loop.asked) == 3 and loop.asked[-1][0] is True
 
@@ -82,6 +82,36 @@ def test_a_trial_clock_starts_when_the_switch_is_made_and_a_failed_switch_is_not
     policy.not_applied("out of memory")
     loop.run(60, 100, 0.0)
     assert len(loop.asked) == 1 and "a switch failed: out of memory" in policy.state.reason
+
+
+def test_a_model_change_mid_trial_says_what_the_new_model_does_and_tries_again_from_off():
+    policy = SpinPolicy("auto")
+    loop = Loop(policy)
+    loop.run(HOLD_S + 2, 100, 0.0)
+    assert policy.state.spinning and not policy.load_spinning()  # mid-trial: a model loaded now does not spin
+    policy.model_changed(spinning=True)  # e.g. a rollback to a model kept loaded with spinning on
+    assert policy.state.spinning and policy.state.spinning_won is None
+    assert policy.state.reason == "a new model: spinning as it was loaded, tried again from off"
+    loop.run(2, 100, 0.0)
+    assert loop.asked[-1] == (False, "inference-bound: spinning without a trial of its own; trying again from off")
+    asked = len(loop.asked)
+    for _ in range(int(HOLD_S) + 2):
+        if len(loop.asked) > asked:
+            break
+        loop.run(1, 100, 0.0)
+    assert loop.asked[-1][0] is True, "then a trial of its own"
+    loop.run(TRIAL_S + 1, 140, 0.0)
+    assert policy.state.spinning_won is True and policy.load_spinning()
+
+
+def test_a_trial_interrupted_by_a_deployment_measures_again_from_the_start():
+    policy = SpinPolicy("auto")
+    loop = Loop(policy)
+    loop.run(HOLD_S + 2, 100, 0.0)
+    loop.run(TRIAL_S - 2, 50, 0.0)  # a validation child took the CPU: these do not count
+    policy.interrupted(loop.now)
+    loop.run(TRIAL_S + 1, 130, 0.0)
+    assert policy.state.spinning_won is True, policy.state
 
 
 def test_frame_rate_is_the_median_gap_so_a_stopped_process_does_not_read_as_slow():
@@ -122,3 +152,27 @@ def test_pinned_on_at_a_cameras_rate_stays_on_and_tflite_says_it_has_no_setting(
     agent_factory(cfg, name="tflite").start()
     spin = rec2.wait_json("/status")[0]["runtime"]["spin"]
     assert spin["spinning"] is False and spin["reason"] == "the runtime has no spin-wait setting"
+
+
+def test_a_reload_that_changes_runtime_spin_reopens_the_deployed_model_not_the_configured_one(
+        broker, recorder_factory, agent_factory, tmp_path):
+    import signal
+
+    import yaml
+    from deploy_helpers import copy_model, ctl
+
+    cfg = agent_config(broker, tmp_path, model={"path": str(MODELS / "blazeface.onnx")}, deploy={"probation_s": 0})
+    rec = recorder_factory(broker, f"edge/{cfg['device_id']}/#")
+    agent = agent_factory(cfg).start()
+    v2 = copy_model(MODELS / "blazeface.onnx", tmp_path / "v2", "m.onnx")
+    assert ctl(agent.config_path, "deploy", str(v2), "--version", "2.0.0", "--no-golden",
+               "--timeout", "60").returncode == 0
+    rec.wait_json("/status", lambda s: s["model"]["version"] == "2.0.0")
+    cfg["runtime"] = {"spin": "on"}
+    agent.config_path.write_text(yaml.safe_dump(cfg))
+    agent.signal(signal.SIGHUP)
+    status = rec.wait_json("/status", lambda s: s["runtime"]["spin"]["policy"] == "on")[-1]
+    assert status["model"]["version"] == "2.0.0" and status["runtime"]["spin"]["spinning"] is True
+    n = len(rec.json("/predictions"))
+    rec.wait_json("/predictions", count=n + 5)
+    assert {p["model"]["version"] for p in rec.json("/predictions")[n:]} == {"2.0.0"}

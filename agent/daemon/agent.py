@@ -147,7 +147,7 @@ class Agent:
         pick = chooser(self.facts, path, cfg.runtime.backend, cfg.runtime.accelerator)
 
         def choose(fmt: str) -> RuntimeChoice:
-            choice = dataclasses.replace(pick(fmt), spin=self.spin.policy == "on" or self.spin.state.spinning)
+            choice = dataclasses.replace(pick(fmt), spin=self.spin.load_spinning())
             log.info("runtime: %s", choice.reason)
             return choice
 
@@ -161,9 +161,11 @@ class Agent:
         with self._swap_lock:
             old = self.pipeline.swap(new)
             self.model = new
-            self.spin.model_changed()
             self.spin.set_applies(spin_applies(new))
+            self.spin.model_changed(spinning=bool(new.choice and new.choice.spin))
         self.publish_status()
+        if self.ha is not None:
+            self.ha.publish_update()
         return old
 
     def swap_if_current(self, base: LoadedModel, new: LoadedModel) -> bool:
@@ -303,8 +305,13 @@ class Agent:
             if new.model != self.cfg.model or new.runtime != self.cfg.runtime:
                 if new.runtime.spin != self.cfg.runtime.spin:
                     self.spin.reset(new.runtime.spin)
+                # Only the runtime changed: the model serving now (a deployed one, perhaps) is reopened
+                # with it; a changed model section loads the configured model, as it says.
+                serving = Path(self.model.info.path)
+                path = new.model.path if new.model != self.cfg.model else serving
                 try:
-                    model = self._load(new.model.path, configured=True, cfg=new)
+                    model = self._load(path, configured=path == self.cfg.model.path or new.model != self.cfg.model,
+                                       cfg=new)
                 except Exception as exc:  # noqa: BLE001 - keep serving the old model
                     log.error("reload: new model not loaded, keeping the current one: %s", exc)
                 else:

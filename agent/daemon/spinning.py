@@ -29,6 +29,7 @@ class Respinner:
         self._deploying = False
         self._thread: threading.Thread | None = None
         self._last_tick = time.monotonic()
+        self._held = False
 
     def on_event(self, event: dict) -> None:
         state = event.get("state")
@@ -39,14 +40,21 @@ class Respinner:
 
     def tick(self, now: float) -> None:
         a = self.agent
-        fps = frame_rate(list(a.pipeline.stats.done_mono), self._last_tick)
-        self._last_tick = now
+        since, self._last_tick = self._last_tick, now
+        if self._deploying or (self._thread is not None and self._thread.is_alive()):
+            self._held = True  # nothing is decided while a deployment or a switch runs: no decision is lost
+            return
+        if self._held:
+            self._held = False
+            self.policy.interrupted(now)
+            return  # this tick's window overlapped what ran meanwhile
+        fps = frame_rate(list(a.pipeline.stats.done_mono), since)
         before = self.policy.state
         decision = self.policy.observe(now, fps, a.slot.takes, a.slot.waits)
         if self.policy.state != before:  # a trial's verdict that keeps the setting
             log.info("spin-wait %s: %s", "on" if self.policy.state.spinning else "off", self.policy.state.reason)
             a.publish_status()
-        if decision is None or self._deploying or (self._thread is not None and self._thread.is_alive()):
+        if decision is None:
             return
         spin, why = decision
         # A thread at the daemon's own priority: the runtime's workers are created by it and inherit it.

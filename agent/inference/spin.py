@@ -71,11 +71,31 @@ class SpinPolicy:
         elif not applies:
             self.state = SpinState(self.policy, False, "the runtime has no spin-wait setting")
 
-    def model_changed(self) -> None:
-        """A new model (deployment, rollback, reload): what was learnt about the last one is forgotten."""
+    def load_spinning(self) -> bool:
+        """Whether a model loaded now should spin: pinned on, or auto after spinning won (not mid-trial)."""
+        if not self.applies and self.policy != "on":
+            return False
+        return self.policy == "on" or (self.policy == "auto" and self.state.spinning_won is True)
+
+    def model_changed(self, spinning: bool) -> None:
+        """A new model serves (deployment, rollback, reload), its session loaded ``spinning`` or not: what was
+        learnt about the last one is forgotten, and the state says what this one does."""
         self._verdict = None
         self._trial = self._pending = None
         self._fps_off.clear()
+        spinning = spinning and self.applies
+        if self.policy == "auto" and self.applies:
+            self.state = SpinState("auto", spinning, "a new model: spinning as it was loaded, tried again from off"
+                                   if spinning else "a new model: without spinning until the frame loop is seen "
+                                   "inference-bound")
+        elif self.applies:
+            self.state = SpinState(self.policy, spinning, self.state.reason)
+
+    def interrupted(self, now: float) -> None:
+        """Something else ran meanwhile (a deployment): a trial under way starts its measurement again."""
+        if self._trial is not None:
+            self._trial = (now, self._trial[1])
+            self._trial_fps = []
 
     def applied(self, spinning: bool, reason: str, now: float) -> None:
         """The daemon made the change ``observe`` asked for (a trial's clock starts now)."""
@@ -131,6 +151,8 @@ class SpinPolicy:
             return None
         if regime == "camera" and spinning:
             return False, "camera-bound: the frame loop waits for frames, spinning would burn the cores"
+        if regime == "inference" and spinning and self._verdict is None:  # spinning on no evidence (a new model)
+            return False, "inference-bound: spinning without a trial of its own; trying again from off"
         if regime == "inference" and not spinning and self._verdict is None and len(self._fps_off) >= 3:
             self._pending = _median(self._fps_off[-int(HOLD_S):])
             return True, f"inference-bound: trying spinning (without: {self._pending:.1f} fps)"
