@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 
 MAX_OPEN = 64
-HEADER_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 5.0
 
 
 class Connections:
