@@ -64,7 +64,7 @@ class Agent:
             cfg.mqtt, client_id=cfg.mqtt.client_id or f"edge-agent-{cfg.device_id}",
             will=(self.topics.status, dumps({"state": "offline"})),
             subscriptions=(),
-            on_connect=lambda: self._on_connect(), on_message=self.on_message,
+            on_connect=self._on_connect, on_message=self.on_message,
         )
         self.link.client.max_queued_messages_set(1000)
         self.durable = DurableSender(self.link, self._open_outbox(cfg), rate=cfg.mqtt.outbox_rate)
