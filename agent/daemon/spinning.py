@@ -25,7 +25,6 @@ class Respinner:
     def __init__(self, agent, policy: SpinPolicy):
         self.agent = agent
         self.policy = policy
-        self.switches = 0
         self._deploying = False
         self._thread: threading.Thread | None = None
         self._last_tick = time.monotonic()
@@ -80,7 +79,6 @@ class Respinner:
         if not a.swap_if_current(base, new):
             new.close()  # a deployment or rollback swapped first: its model stays
             return
-        self.switches += 1
         self.policy.applied(spin, why, time.monotonic())
         log.info("spin-wait %s (%s); switched in %.0f ms", "on" if spin else "off", why,
                  (time.monotonic() - t0) * 1000)

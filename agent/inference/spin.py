@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.support.stats import percentile
+
 HOLD_S = 5.0  # a regime must last this long before anything changes
 TRIAL_S = 6.0  # how long spinning is tried (its first SETTLE_S not counted)
 SETTLE_S = 1.0
@@ -73,8 +75,6 @@ class SpinPolicy:
 
     def load_spinning(self) -> bool:
         """Whether a model loaded now should spin: pinned on, or auto after spinning won (not mid-trial)."""
-        if not self.applies and self.policy != "on":
-            return False
         return self.policy == "on" or (self.policy == "auto" and self.state.spinning_won is True)
 
     def model_changed(self, spinning: bool) -> None:
@@ -137,7 +137,7 @@ class SpinPolicy:
                 self._trial_fps.append(fps)
             if now - started < TRIAL_S:
                 return None
-            fps_on = _median(self._trial_fps) if self._trial_fps else 0.0
+            fps_on = percentile(self._trial_fps, 50)  # 0.0 when no sample came
             self._trial = None
             self._verdict = fps_on >= fps_off * MIN_GAIN
             if self._verdict:
@@ -154,7 +154,7 @@ class SpinPolicy:
         if regime == "inference" and spinning and self._verdict is None:  # spinning on no evidence (a new model)
             return False, "inference-bound: spinning without a trial of its own; trying again from off"
         if regime == "inference" and not spinning and self._verdict is None and len(self._fps_off) >= 3:
-            self._pending = _median(self._fps_off[-int(HOLD_S):])
+            self._pending = percentile(self._fps_off[-int(HOLD_S):], 50)
             return True, f"inference-bound: trying spinning (without: {self._pending:.1f} fps)"
         return None
 
@@ -164,12 +164,5 @@ def frame_rate(done: list[float], since: float) -> float | None:
     times = [t for t in done if t > since]
     if len(times) < 5:
         return None
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    gap = _median(gaps)
+    gap = percentile((b - a for a, b in zip(times, times[1:], strict=False)), 50)
     return 1.0 / gap if gap > 0 else None
-
-
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
