@@ -17,7 +17,7 @@ from agent.camera import Frame
 from agent.hardware import sensors
 from agent.inference.pipeline import INFERENCE_BUCKETS_MS, Prediction
 from agent.messaging.payloads import CommandReply
-from agent.web.backend import Counters, Reply
+from agent.web.backend import Counters
 
 HISTORY = 360  # health samples kept for the page's charts (an hour at the default 10 s)
 PLATFORMS = {"tflite": "tflite", "onnxruntime": "onnxruntime_onnx"}
@@ -44,10 +44,10 @@ class AgentBackend:
     def health_history(self) -> list[dict]:
         return list(self.history)
 
-    def command(self, name: str, args: dict, timeout: float) -> Reply:
+    def command(self, name: str, args: dict, timeout: float) -> CommandReply:
         if name == "reload":
             self.agent.request_reload()
-            return Reply(True, None, {})
+            return CommandReply(True)
         done = threading.Event()
         box: list[CommandReply] = []
 
@@ -57,9 +57,8 @@ class AgentBackend:
 
         self.agent.deployer.request(name, reply, args)
         if not done.wait(timeout):
-            return Reply(False, f"the deployer did not answer within {timeout:.0f} s (a deployment in progress?)", {})
-        r = box[0]
-        return Reply(r.ok, r.error, dict(r.result))
+            return CommandReply.failed(f"the deployer did not answer within {timeout:.0f} s (a deployment in progress?)")
+        return box[0]
 
     def latest(self) -> tuple[Frame | None, Prediction | None]:
         pipeline = self.agent.pipeline

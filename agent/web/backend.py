@@ -6,13 +6,14 @@ thread or its executor, never from the frame loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from agent.camera import Frame
 from agent.inference.pipeline import Prediction
+from agent.messaging.payloads import CommandReply
 from agent.runtimes.base import TensorSpec
 
 
@@ -43,16 +44,6 @@ class Counters:
     uptime_s: float
     camera_up: bool
     viewers: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A command's answer: the same fields as on cmd/response."""
-
-    ok: bool
-    error: str | None
-    result: dict
 
 
 class WebBackend(Protocol):
@@ -64,7 +55,7 @@ class WebBackend(Protocol):
 
     def health_history(self) -> list[dict]: ...
 
-    def command(self, name: str, args: dict, timeout: float) -> Reply: ...
+    def command(self, name: str, args: dict, timeout: float) -> CommandReply: ...
 
     def latest(self) -> tuple[Frame | None, Prediction | None]: ...
 
