@@ -140,14 +140,12 @@ def add_routes(app: web.Application, backend: WebBackend) -> None:
                 return _error(413, f"the body is over {limit} bytes, at most for this model's inputs")
             chunks.append(chunk)
         raw = b"".join(chunks)
-        loop = asyncio.get_running_loop()
         try:  # parsing is not the loop's work: a large body would hold every other request up
-            body, tensors = await loop.run_in_executor(None, _parse, raw, inputs)
+            body, tensors = await asyncio.to_thread(_parse, raw, inputs)
         except ValueError as exc:
             return _error(400, str(exc))
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                None, backend.infer_raw, tensors, INFER_TIMEOUT_S)
+            results = await asyncio.to_thread(backend.infer_raw, tensors, INFER_TIMEOUT_S)
         except TimeoutError as exc:
             return _error(503, str(exc))
         except Exception as exc:  # noqa: BLE001 - the runtime refused these tensors: one line

@@ -1,7 +1,7 @@
 """The HTTP routes: the page, pictures, the JSON API (the MQTT payloads), predict, Open Inference Protocol, metrics.
 
 Handlers run on the server's loop; anything that blocks (JPEG encoding, a request on the frame
-loop, a command on the deployer) goes to the loop's executor.
+loop, a command on the deployer) goes to a worker thread (asyncio.to_thread).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Routes:
         if frame is None:
             return error(503, "no frame captured yet")
         annotated = request.query.get("annotated", "0") not in ("0", "false", "")
-        data = await asyncio.get_running_loop().run_in_executor(None, media.jpeg, frame, pred, annotated)
+        data = await asyncio.to_thread(media.jpeg, frame, pred, annotated)
         return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -100,7 +100,6 @@ class Routes:
             "Content-Type": f"multipart/x-mixed-replace; boundary={media.BOUNDARY}",
             "Cache-Control": "no-store", "Connection": "close"})
         self.viewers += 1
-        loop = asyncio.get_running_loop()
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:  # a viewer that stops reading blocks our writes within a few frames, not megabytes
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
@@ -113,7 +112,7 @@ class Routes:
                 frame, pred = self.backend.latest()
                 if frame is not None and frame.ts != last_ts:
                     last_ts = frame.ts
-                    data = await loop.run_in_executor(None, media.jpeg, frame, pred, annotated)
+                    data = await asyncio.to_thread(media.jpeg, frame, pred, annotated)
                     # A viewer that stops reading fills its socket buffer; drain() then waits, and a
                     # stalled one is dropped after a few seconds instead of holding a viewer slot forever.
                     await asyncio.wait_for(resp.write(media.mjpeg_part(data)), timeout=STALLED_VIEWER_S)
@@ -148,8 +147,7 @@ class Routes:
         return web.json_response(pred.to_json())
 
     async def _command(self, name: str, args: dict) -> web.Response:
-        reply = await asyncio.get_running_loop().run_in_executor(
-            None, self.backend.command, name, args, REQUEST_TIMEOUT_S)
+        reply = await asyncio.to_thread(self.backend.command, name, args, REQUEST_TIMEOUT_S)
         return web.json_response({"ok": reply.ok, "error": reply.error, **reply.result},
                                  status=200 if reply.ok else 409)
 
@@ -161,8 +159,7 @@ class Routes:
 
     async def _from_models_reply(self, key: str) -> web.Response:
         """One part of what the ``models`` command answers (models, or the journal's deployments)."""
-        reply = await asyncio.get_running_loop().run_in_executor(
-            None, self.backend.command, "models", {}, REQUEST_TIMEOUT_S)
+        reply = await asyncio.to_thread(self.backend.command, "models", {}, REQUEST_TIMEOUT_S)
         if not reply.ok:
             return error(503, reply.error or "no answer")
         return web.json_response({key: reply.result.get(key, [])})
@@ -181,17 +178,15 @@ class Routes:
         return await self._command("reload", {})
 
     async def predict(self, request: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
         try:
             data = await _image_bytes(request)
-            image = await loop.run_in_executor(None, media.decode_image, data)  # decoding is not the loop's work
+            image = await asyncio.to_thread(media.decode_image, data)  # decoding is not the loop's work
         except ValueError as exc:
             return error(400, str(exc))
         except web.HTTPRequestEntityTooLarge:
             return error(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                None, self.backend.predict, image, REQUEST_TIMEOUT_S)
+            result = await asyncio.to_thread(self.backend.predict, image, REQUEST_TIMEOUT_S)
         except TimeoutError as exc:
             return error(503, str(exc))
         except Exception as exc:  # noqa: BLE001 - the model failed on this image: say so, one line
@@ -199,7 +194,7 @@ class Routes:
         return web.json_response(result)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
+        body = await asyncio.to_thread(self.metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
