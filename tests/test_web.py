@@ -439,6 +439,10 @@ def test_connections_that_never_finish_their_request_cannot_take_the_agent_down(
         assert open_ones <= 64, f"{open_ones} half-requests still held"
         time.sleep(6)  # past the 5 s allowed for the headers: all closed, and the server answers again
         assert get(f"http://127.0.0.1:{port}/api/v1/status", token=TOKEN)[0] == 200
+        status, _, body = get(f"http://127.0.0.1:{port}/metrics", token=TOKEN)
+        metrics = {s.name: s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        assert metrics["edge_agent_http_connections_refused_total"] >= 300 - 64 - 5
+        assert metrics["edge_agent_http_connections_timed_out_total"] >= 50
         text = (tmp_path / "agent.log").read_text()
         assert "main loop failed" not in text and "Traceback" not in text
     finally:

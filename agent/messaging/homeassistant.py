@@ -122,7 +122,6 @@ class HomeAssistant:
         self._installed = installed
         self._last_summary: tuple[float, bool] = (0.0, False)
         self._deploying: tuple[str | None, str | None] = (None, None)  # (version, state) of the deployment under way
-        self.discoveries = 0
 
     @property
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -131,7 +130,6 @@ class HomeAssistant:
     def announce(self) -> None:
         """Discovery and the update state (on connect, and when Home Assistant comes online)."""
         self._publish(self.topics.discovery, self._config, True)
-        self.discoveries += 1
         self.publish_update()
 
     def on_message(self, topic: str, payload: bytes) -> bool:

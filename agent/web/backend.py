@@ -43,7 +43,10 @@ class Counters:
     rss_bytes: int
     uptime_s: float
     camera_up: bool
-    viewers: int = 0
+    viewers: int = 0  # the rest is the HTTP server's own, filled in by it
+    http_connections: int = 0
+    http_refused: int = 0
+    http_timed_out: int = 0
 
 
 class WebBackend(Protocol):

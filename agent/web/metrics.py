@@ -81,6 +81,11 @@ class AgentCollector(Collector):
         yield _gauge("uptime_seconds", "Seconds since the agent started.", c.uptime_s)
         yield _gauge("camera_up", "1 while the camera delivers frames.", int(c.camera_up))
         yield _gauge("stream_viewers", "MJPEG viewers connected now.", c.viewers)
+        yield _gauge("http_connections", "HTTP connections open now.", c.http_connections)
+        yield _counter("http_connections_refused", "HTTP connections closed at once: the bound was reached.",
+                       c.http_refused)
+        yield _counter("http_connections_timed_out", "HTTP connections closed: no request headers in time.",
+                       c.http_timed_out)
 
 
 def _le(seconds: float) -> str:

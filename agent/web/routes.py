@@ -18,6 +18,7 @@ from aiohttp import BodyPartReader, web
 
 from agent.web import media, oip
 from agent.web.backend import Counters, WebBackend
+from agent.web.connections import Connections
 from agent.web.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ class Routes:
     binary_posts = ("/api/v1/predict",)
     max_body = MAX_IMAGE_BYTES + 2**16
 
-    def __init__(self, backend: WebBackend, *, max_viewers: int, stream_fps: float):
+    def __init__(self, backend: WebBackend, *, max_viewers: int, stream_fps: float, conns: Connections):
         self.backend = backend
+        self.conns = conns
         self.max_viewers = max_viewers
         self.stream_fps = stream_fps
         self.viewers = 0
@@ -48,7 +50,9 @@ class Routes:
         self._static = {name: resources.files("agent.web").joinpath("static", name).read_bytes() for name in STATIC}
 
     def _counters(self) -> Counters:
-        return replace(self.backend.counters(), viewers=self.viewers)
+        c = self.conns
+        return replace(self.backend.counters(), viewers=self.viewers, http_connections=c.open,
+                       http_refused=c.refused, http_timed_out=c.timed_out)
 
     def add_to(self, app: web.Application) -> None:
         gets = {"/": self.page, "/favicon.ico": self.favicon, "/latest.jpg": self.latest_jpg,

@@ -63,13 +63,13 @@ class WebServer:
         self.backend = backend
         self.token = read_token(cfg.token_file) if cfg.token_file is not None else None
         self.ssl = tls_context(cfg)
-        self.routes = Routes(backend, max_viewers=cfg.max_viewers, stream_fps=cfg.stream_fps)
+        self.conns = Connections()
+        self.routes = Routes(backend, max_viewers=cfg.max_viewers, stream_fps=cfg.stream_fps, conns=self.conns)
         self.port: int | None = None  # bound port (cfg may say 0)
         self.error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
-        self.conns = Connections()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
